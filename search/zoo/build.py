@@ -1,0 +1,151 @@
+"""Build, cache and verify the tiny zoo.
+
+A build trains in a staging folder and renames it into place only after every model is saved
+and ``manifest.json`` (sha256 of every file) is written last, so a killed build leaves nothing
+that looks finished. ``open_zoo`` re-hashes the files before handing out paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evals.tasks import cache_root
+from evals.tasks.synthetic import eval_items, format_document, training_stream
+from search.zoo.recipe import ARITHMETIC, RECIPES, TASKS, WORD_PROBLEMS, Recipe
+from search.zoo.tokenizer import train_tokenizer
+from search.zoo.train import mixture, new_model, train
+
+MANIFEST = "manifest.json"
+
+
+class ZooError(RuntimeError):
+    """The zoo cache is missing, partial or corrupted."""
+
+
+def zoo_dir(recipe: Recipe) -> Path:
+    return cache_root() / "zoo" / recipe.folder_name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> dict:
+    """The manifest of a complete, intact zoo folder; ZooError naming the first bad file."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ZooError(f"{folder}: no {MANIFEST} (missing or interrupted build)")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, expected in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise ZooError(f"{path}: listed in {MANIFEST} but missing")
+        if _sha256(path) != expected:
+            raise ZooError(f"{path}: checksum mismatch (truncated or modified)")
+    return manifest
+
+
+def open_zoo(name: str = "tiny", build: bool = True, progress: bool = True) -> Path:
+    """The verified folder of zoo ``name``; builds it (or rebuilds a corrupted one) if allowed."""
+    recipe = RECIPES[name]
+    folder = zoo_dir(recipe)
+    try:
+        verify(folder)
+        return folder
+    except ZooError as problem:
+        if not build:
+            raise
+        if folder.exists():
+            print(f"zoo: {problem}; rebuilding")
+    return build_zoo(recipe, progress=progress)
+
+
+def build_zoo(recipe: Recipe, progress: bool = True) -> Path:
+    folder = zoo_dir(recipe)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{recipe.folder_name}-"))
+    try:
+        _train_all(recipe, staging, progress)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest = {
+            "recipe": asdict(recipe),
+            "digest": recipe.digest,
+            "models": recipe.models,
+            "torch": torch.__version__,
+            "files": {str(p.relative_to(staging)): _sha256(p) for p in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))  # same thread count, same sums
+    held_out = {item["question"] for task in TASKS for item in eval_items(task)}
+    streams = lambda seed: {t: training_stream(t, recipe.seed * 1000 + seed, held_out) for t in TASKS}
+    corpus = mixture(streams(-1), {t: 1.0 for t in TASKS}, recipe.seed, format_document)
+    tokenizer = train_tokenizer(itertools.islice(corpus, recipe.tokenizer_documents), recipe.vocab_size)
+
+    total = recipe.base.steps + len(TASKS) * recipe.specialist.steps + sum(s.steps for s in recipe.ingredients)
+    bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
+
+    def fit(label: str, model, documents, schedule):
+        bar.set_postfix_str(label)
+        return train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update())
+
+    def save(label: str, model) -> None:
+        model.save_pretrained(out / label, safe_serialization=True)
+        tokenizer.save_pretrained(out / label)
+
+    base = new_model(recipe.shape, tokenizer, recipe.seed)
+    fit("base", base, mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document), recipe.base)
+    save("base", base)
+
+    specialists = {}
+    for i, task in enumerate(TASKS, start=1):
+        documents = map(format_document, streams(i)[task])
+        specialists[task] = fit(task, copy.deepcopy(base), documents, recipe.specialist)
+        save(f"specialist-{task.removeprefix('tiny_')}", specialists[task])
+
+    save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))
+
+    for i, schedule in enumerate(recipe.ingredients):
+        documents = map(format_document, streams(100 + i)[WORD_PROBLEMS])
+        save(f"ingredient-{i:02d}", fit(f"ingredient-{i:02d}", copy.deepcopy(base), documents, schedule))
+    bar.close()
+
+
+def _general(recipe: Recipe, base, specialists):
+    """DARE-TIES of the arithmetic specialists, the analogue of Merge-14, through mergekit's API."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    models = {"base": base.state_dict(), **{f"s{i}": s.state_dict() for i, s in enumerate(specialists)}}
+    torch.manual_seed(recipe.seed)  # mergekit draws DARE masks from the global RNG
+    merged = merge_state_dicts(
+        models,
+        "dare_ties",
+        base="base",
+        parameters={"density": recipe.general_density, "weight": 1.0},
+    )
+    general = copy.deepcopy(base)
+    general.load_state_dict(merged)
+    return general

@@ -1,0 +1,87 @@
+"""What the zoo is made of: one recipe, in two sizes (tiny for experiments, pico for tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+from search.zoo.train import Schedule, Shape
+
+ZOO_FORMAT = 1  # bump when the trainer or the folder layout changes what a recipe builds
+ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
+WORD_PROBLEMS = "tiny_gsm8k"
+TASKS = (*ARITHMETIC, WORD_PROBLEMS)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    shape: Shape
+    vocab_size: int
+    base: Schedule  # pretraining on an even mixture of every task
+    specialist: Schedule  # one fine-tune of the base per task
+    ingredients: tuple[Schedule, ...]  # the soup sweep: fine-tunes on the word problems
+    general_density: float = 0.5  # DARE-TIES over the arithmetic specialists
+    tokenizer_documents: int = 2000
+    seed: int = 0
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.name}-{self.digest}"
+
+    @property
+    def models(self) -> list[str]:
+        return [
+            "base",
+            *(f"specialist-{task.removeprefix('tiny_')}" for task in TASKS),
+            "general",
+            *(f"ingredient-{i:02d}" for i in range(len(self.ingredients))),
+        ]
+
+
+def _sweep(steps: int, lr: float) -> tuple[Schedule, ...]:
+    """A hyperparameter sweep around one good setting, with a few deliberately poor points."""
+    good = [
+        Schedule(steps=steps, lr=lr, seed=1),
+        Schedule(steps=steps, lr=lr, seed=2),
+        Schedule(steps=steps, lr=lr * 0.6, seed=3),
+        Schedule(steps=steps, lr=lr * 1.5, seed=4),
+        Schedule(steps=int(steps * 1.5), lr=lr * 0.8, seed=5),
+        Schedule(steps=int(steps * 0.7), lr=lr * 1.2, seed=6),
+    ]
+    poor = [
+        Schedule(steps=max(2, steps // 8), lr=lr * 0.3, seed=7),  # barely trained
+        Schedule(steps=steps, lr=lr * 12, seed=8, warmup=2),  # too hot: forgets the base
+    ]
+    return tuple(good + poor)
+
+
+TINY = Recipe(
+    name="tiny",
+    shape=Shape(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=256),
+    vocab_size=384,
+    base=Schedule(steps=1200, lr=3e-3, batch_size=32, warmup=50),
+    specialist=Schedule(steps=300, lr=5e-4, batch_size=32, warmup=10, seed=1),
+    ingredients=_sweep(steps=120, lr=5e-4),
+)
+
+PICO = replace(
+    TINY,
+    name="pico",
+    shape=Shape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=96, max_position_embeddings=192),
+    vocab_size=320,
+    base=Schedule(steps=250, lr=5e-3, batch_size=16, warmup=20),
+    specialist=Schedule(steps=60, lr=2e-3, batch_size=16, warmup=5, seed=1),
+    ingredients=tuple(replace(s, batch_size=16) for s in _sweep(steps=16, lr=2e-3)),
+    tokenizer_documents=600,
+)
+
+RECIPES = {r.name: r for r in (TINY, PICO)}

@@ -1,0 +1,114 @@
+"""A short causal-LM training loop for the zoo, in the spirit of nanoGPT."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The Mistral hyperparameters a zoo model is built with."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 256
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One training run: AdamW with linear warmup and cosine decay."""
+
+    steps: int
+    lr: float
+    batch_size: int = 32
+    warmup: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def new_model(shape: Shape, tokenizer: PreTrainedTokenizerFast, seed: int) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.hidden_size // shape.num_attention_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    return MistralForCausalLM(config)
+
+
+def batches(
+    documents: Iterator[str], tokenizer: PreTrainedTokenizerFast, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded batches of ``document + eos``; padded positions are masked out of the loss."""
+    eos = tokenizer.eos_token_id
+    while True:
+        rows = [tokenizer(next(documents))["input_ids"] + [eos] for _ in range(batch_size)]
+        width = max(map(len, rows))
+        ids = torch.full((batch_size, width), eos, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = labels[i, : len(row)] = torch.tensor(row)
+        yield ids, labels
+
+
+def train(
+    model: MistralForCausalLM,
+    documents: Iterator[str],
+    tokenizer: PreTrainedTokenizerFast,
+    schedule: Schedule,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> MistralForCausalLM:
+    torch.manual_seed(schedule.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < schedule.warmup:
+            return schedule.lr * (step + 1) / schedule.warmup
+        progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
+        return schedule.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    stream = batches(documents, tokenizer, schedule.batch_size)
+    for step in range(schedule.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        ids, labels = next(stream)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        on_step(step, loss.item())
+    model.eval()
+    return model
+
+
+def mixture(streams: dict[str, Iterator[dict]], weights: dict[str, float], seed: int,
+            render: Callable[[dict], str]) -> Iterator[str]:
+    """Documents drawn from several task streams in proportion to ``weights``."""
+    rng = random.Random(seed)
+    names = sorted(streams)
+    while True:
+        name = rng.choices(names, [weights[n] for n in names])[0]
+        yield render(next(streams[name]))
