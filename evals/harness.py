@@ -1,24 +1,47 @@
 """Score a resident model with lm-eval on fixed item subsets, keeping per-item results.
 
-The model is wrapped in lm-eval's HFLM once and the tasks are loaded once; each call to
-``score`` goes through ``lm_eval.evaluator.evaluate`` with ``samples=`` (the cheap path, see
-ANCHORS.md), so weights swapped in place between calls are picked up without any reload.
+The model is wrapped in lm-eval's HFLM once, the tasks are loaded once, the batch size is probed
+once, and each split's prompts are built once; every ``score`` call then goes through
+``lm_eval.evaluator.evaluate`` with ``samples=`` (the cheap path, see ANCHORS.md), so weights
+swapped in place between calls are picked up without any reload.
+
+lm-eval's ``cache_requests`` is not used: its key ignores ``samples``, so a second item subset
+would silently be served the first one's prompts. Prompts are memoized here instead, per task
+and split, in the doc order lm-eval itself uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import math
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import torch
+import yaml
+
+from evals.spec import TaskSpec
 from evals.splits import ItemSplits, split_items
 from evals.stats import mean_ci
-from evals.tasks import BUNDLED_TASKS, include_path
+from evals.tasks import BUNDLED_TASKS, cache_root, include_path
 
 FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default for the few-shot sampler
-DEFAULT_FILTER = "strict-match"
+
+
+class TaskError(ValueError):
+    """A task that cannot be loaded or scored as asked; the message names it and says what to do."""
+
+
+class EvaluationFailed(RuntimeError):
+    """Raised when scores are read from an evaluation that failed; the reason is its message."""
 
 
 def safe_metric_name(name: str) -> str:
@@ -28,6 +51,8 @@ def safe_metric_name(name: str) -> str:
 
 @dataclass
 class TaskScore:
+    """One task's metric on one item subset; ``per_item`` follows ``doc_ids``, in the split's order."""
+
     task: str
     split: str
     metric: str
@@ -40,9 +65,196 @@ class TaskScore:
     def __post_init__(self) -> None:
         self.mean, self.ci_low, self.ci_high = mean_ci(self.per_item)
 
+    @property
+    def key(self) -> str:
+        """An MLflow-safe metric name, e.g. ``gsm8k/exact_match_strict-match``."""
+        return f"{self.task}/{safe_metric_name(self.metric)}"
 
-class UnknownTaskError(ValueError):
-    pass
+
+@dataclass
+class EvalResult(Mapping[str, TaskScore]):
+    """One evaluation: scores by task, or the reason it failed. Reading a failed one raises."""
+
+    split: str
+    scores: dict[str, TaskScore]
+    seconds: float
+    model_seconds: float  # inside the model's own forward passes and generate
+    batch_size: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def overhead_share(self) -> float:
+        return 1 - self.model_seconds / self.seconds
+
+    def __getitem__(self, task: str) -> TaskScore:
+        if self.error is not None:
+            raise EvaluationFailed(self.error)
+        return self.scores[task]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def record(self) -> dict:
+        """Everything about this evaluation as plain JSON: per-item results included."""
+        return {
+            "split": self.split,
+            "error": self.error,
+            "seconds": self.seconds,
+            "model_seconds": self.model_seconds,
+            "batch_size": self.batch_size,
+            "tasks": {name: dataclasses.asdict(score) for name, score in self.scores.items()},
+        }
+
+    def table(self) -> str:
+        rows = [f"{'task':<24} {'metric':<28} {'split':<7} {'n':>5} {'mean':>7}  95% CI"]
+        rows += [
+            f"{s.task:<24} {s.metric:<28} {s.split:<7} {len(s.per_item):>5} {100 * s.mean:>6.1f}%  "
+            f"[{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}]"
+            for s in self.scores.values()
+        ]
+        return "\n".join(rows if self.ok else [f"evaluation failed: {self.error}"])
+
+    def metrics(self) -> dict[str, float]:
+        """Flat, MLflow-safe metrics: each task's mean and its 95% interval."""
+        flat = {}
+        for score in self.values():
+            flat |= {score.key: score.mean, f"{score.key}/ci_low": score.ci_low, f"{score.key}/ci_high": score.ci_high}
+        return flat
+
+
+class _ModelClock:
+    """Seconds spent in the model's own forward passes and generate; the rest is our overhead."""
+
+    def __init__(self, lm) -> None:
+        self.seconds = 0.0
+        self._sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+        for name in ("_model_generate", "_model_call"):
+            setattr(lm, name, self._timed(getattr(lm, name)))
+
+    def _timed(self, method):
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            self._sync()
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+
+def _local_copy(spec: TaskSpec, manager) -> str:
+    """A YAML that includes the task's own and swaps its dataset for the local files."""
+    entry = manager.task_index[spec.task]
+    if entry.yaml_path is None:
+        raise TaskError(f"task {spec.task!r} is not defined by a YAML file, so data_files cannot replace its dataset")
+    config = {
+        "include": str(entry.yaml_path),
+        "task": spec.task,
+        "dataset_path": spec.data_format,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(path) for split, path in spec.data_files.items()}},
+    }
+    text = yaml.safe_dump(config, sort_keys=False)
+    path = cache_root() / "local-tasks" / hashlib.sha256(text.encode()).hexdigest()[:16] / f"{spec.task}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _offline_hint(spec: TaskSpec, dataset: str) -> str:
+    return (
+        f"task {spec.task!r}: its dataset {dataset!r} could not be loaded (offline, or not on this machine). "
+        f"Supply a local copy in the same schema: data_files: {{test: FILE.parquet, train: FILE.parquet}} in the "
+        f"task spec, or on the command line --data {spec.task}:test=FILE --data {spec.task}:train=FILE "
+        "(.parquet or .jsonl; train is only needed for few-shot examples)"
+    )
+
+
+def _configure(task, spec: TaskSpec) -> None:
+    """Apply the spec's options the way lm-eval's own simple_evaluate applies its flags."""
+    name, config = spec.task, task.config
+    if spec.data_files and config.test_split not in spec.data_files and config.validation_split not in spec.data_files:
+        raise TaskError(f"task {name!r}: data_files needs its evaluation split {config.test_split or config.validation_split!r}")
+    if spec.num_fewshot is not None:
+        task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    if spec.gen_kwargs:
+        if config.output_type != "generate_until":
+            raise TaskError(f"task {name!r} is {config.output_type}; gen_kwargs only apply to generate_until tasks")
+        task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+
+def _metric_key(task, spec: TaskSpec) -> str:
+    """The 'metric,filter' key to report: the spec's, else the task's first metric and filter."""
+    metrics = list(task.aggregation())
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    key = spec.metric or f"{metrics[0]},{filters[0]}"
+    metric, filter_name = key.split(",")
+    if metric not in metrics or filter_name not in filters:
+        raise TaskError(f"task {spec.task!r} has no metric {key!r}; it has metrics {metrics} and filters {filters}")
+    if task.aggregation()[metric].__name__ != "mean":
+        raise TaskError(f"task {spec.task!r}: metric {metric!r} is not a mean over items, so it has no per-item score")
+    return key
+
+
+@functools.cache
+def task_manager(bundled: str, with_defaults: bool):
+    """The bundled tasks, plus lm-eval's own index of ~15k tasks (seconds to build) only when asked."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=bundled, include_defaults=with_defaults)
+
+
+def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
+    """Every spec's lm-eval Task, configured."""
+    names = [spec.task for spec in specs]
+    if len(set(names)) != len(names):
+        raise TaskError(f"a task is listed twice: {names}")
+    manager = task_manager(str(include_path()), any(name not in BUNDLED_TASKS for name in names))
+    tasks = {}
+    for spec in specs:
+        if spec.task not in manager.all_subtasks:
+            kind = "a group or tag; list its tasks one by one" if spec.task in manager.all_tasks else "unknown to lm-eval"
+            raise TaskError(f"task {spec.task!r} is {kind} (bundled tasks: {', '.join(BUNDLED_TASKS)})")
+        try:
+            loaded = manager.load([_local_copy(spec, manager) if spec.data_files else spec.task])["tasks"]
+        except OSError as err:  # datasets raises ConnectionError/FileNotFoundError when the hub is out of reach
+            dataset = manager.task_index[spec.task].cfg.get("dataset_path", spec.task)
+            raise TaskError(f"{_offline_hint(spec, dataset)}; the loader said: {err}") from err
+        except KeyError as err:
+            if not spec.data_files:
+                raise
+            raise TaskError(
+                f"task {spec.task!r} reads split {err}, which its data_files lack (lm-eval draws few-shot "
+                f"examples from it): add --data {spec.task}:{err.args[0]}=FILE, or {err.args[0]}: FILE to data_files"
+            ) from err
+        tasks[spec.task] = loaded[spec.task]
+        _configure(tasks[spec.task], spec)
+    return tasks
+
+
+def _cache_jinja_templates() -> None:
+    """lm-eval recompiles a task's Jinja template for every doc and metric; compile each one once."""
+    from lm_eval import utils
+
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=1024)(utils.env.from_string)
+
+
+def _serve(task, requests: list) -> None:
+    """evaluate() rebuilds a task's prompts on every call; make it take the ones built once."""
+    task.build_all_requests = lambda **_: setattr(task, "_instances", requests)
 
 
 class Evaluator:
@@ -52,60 +264,138 @@ class Evaluator:
         self,
         model,
         tokenizer,
-        tasks: Sequence[str],
+        tasks: Sequence[str | TaskSpec | dict],
         *,
-        batch_size: int = 64,
+        batch_size: int | Literal["auto"] = "auto",
+        max_batch_size: int = 64,
         split_seed: int = 0,
-        metric: str = "exact_match",
-        filter_name: str = DEFAULT_FILTER,
     ) -> None:
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        needs_defaults = any(t not in BUNDLED_TASKS for t in tasks)
-        manager = TaskManager(include_path=str(include_path()), include_defaults=needs_defaults)
-        missing = [t for t in tasks if t not in manager.all_tasks]
-        if missing:
-            raise UnknownTaskError(f"unknown task(s): {', '.join(missing)}")
-        self.tasks = manager.load(list(tasks))["tasks"]
-        for task in self.tasks.values():
-            if task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        self.metric_key = f"{metric},{filter_name}"
-        self.metric, self.filter_name = metric, filter_name
+        _cache_jinja_templates()
+        specs = [TaskSpec.of(task) for task in tasks]
+        self.specs = {spec.task: spec for spec in specs}
+        chat = [name for name, spec in self.specs.items() if spec.chat_template]
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise TaskError(f"chat_template is on for {chat}, but the model's tokenizer has no chat template")
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_batch_size=max_batch_size)
+        self.batch_size = None if batch_size == "auto" else int(batch_size)
+        self.lm.batch_size_per_gpu = self.batch_size or 1
+        self._clock = _ModelClock(self.lm)
+        self.tasks = load_tasks(specs)
+        self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
         self.splits: dict[str, ItemSplits] = {
             name: split_items(name, len(task.eval_docs), split_seed) for name, task in self.tasks.items()
         }
+        self._prompts: dict[tuple[str, str], dict[int, list]] = {}
+
+    def item_ids(self, task: str, split: str, limit: int | None = None, fidelity: float | None = None) -> list[int]:
+        """The doc ids scored for ``split``: search in its fixed order (a fidelity is a prefix of it)."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")  # lm-eval reads samples=[] as every item
+        if fidelity is not None:
+            if split != "search":
+                raise ValueError(f"fidelity levels are prefixes of the search split, not of {split!r}")
+            return self.splits[task].fidelity(fidelity)[:limit]
+        return self.splits[task].ids(split)[:limit]
+
+    def _split_prompts(self, name: str, split: str) -> dict[int, list]:
+        """Every item of one split, built once; a doc's prompt never depends on the subset scored."""
+        if (name, split) not in self._prompts:
+            task, spec = self.tasks[name], self.specs[name]
+            ids = sorted(self.splits[name].ids(split))
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)  # the same few-shot draw as a fresh lm_eval run on this split
+            type(task).build_all_requests(
+                task,
+                samples=ids,
+                system_instruction=spec.system_instruction,
+                apply_chat_template=spec.chat_template,
+                fewshot_as_multiturn=spec.chat_template,
+                chat_template=self.lm.apply_chat_template if spec.chat_template else None,
+                tokenizer_name=self.lm.tokenizer_name if spec.chat_template else "",
+            )
+            by_doc = defaultdict(list)
+            for instance in task.instances:
+                by_doc[ids[instance.doc_id]].append(instance)
+            self._prompts[(name, split)] = by_doc
+        return self._prompts[(name, split)]
+
+    def built_requests(self, name: str, split: str, ids: list[int]) -> list:
+        """Fresh copies of the built requests, numbered the way evaluate() numbers ``samples``."""
+        by_doc = self._split_prompts(name, split)
+        return [
+            dataclasses.replace(instance, metadata=(name, position, instance.repeats), resps=[], filtered_resps={})
+            for position, doc_id in enumerate(sorted(ids))
+            for instance in by_doc[doc_id]
+        ]
+
+    def _probe_batch_size(self, requests: list) -> int:
+        """lm-eval's own OOM-halving probe, run once: the first evaluation's longest prompt plus its budget."""
+
+        def tokens(instance) -> int:
+            text = "".join(a for a in instance.args if isinstance(a, str))
+            generates = instance.request_type == "generate_until"
+            return len(self.lm.tok_encode(text)) + (instance.args[1].get("max_gen_toks", self.lm.max_gen_toks) if generates else 0)
+
+        length = min(self.lm.max_length, max(map(tokens, requests)))
+        return self.lm._detect_batch_size([(None, [0] * (length + 1), [])])
 
     def score(
-        self, split: str = "test", limit: int | None = None, tasks: Sequence[str] | None = None
-    ) -> dict[str, TaskScore]:
-        """Each task's metric on one split's items (the first ``limit`` of them if given)."""
+        self,
+        split: str = "test",
+        limit: int | None = None,
+        tasks: Sequence[str] | None = None,
+        fidelity: float | None = None,
+    ) -> EvalResult:
+        """Each task's metric on one split's items (the first ``limit``, or a search ``fidelity``).
+
+        An exception or a non-finite weight or score fails this evaluation only: the result holds
+        the reason and the next call starts clean.
+        """
         from lm_eval.evaluator import evaluate
 
-        chosen = {name: self.tasks[name] for name in (tasks or self.tasks)}
-        ids = {name: self.splits[name].ids(split)[:limit] for name in chosen}
-        results = evaluate(
-            self.lm,
-            {"tasks": chosen, "groups": {}, "group_map": {}},
-            samples=ids,
-            bootstrap_iters=0,
-            log_samples=True,
-            verbosity="ERROR",
-        )
-        scores = {}
-        for name in chosen:
-            by_doc = {
-                s["doc_id"]: float(s[self.metric])
-                for s in results["samples"][name]
-                if s.get("filter") == self.filter_name
-            }
-            doc_ids = sorted(by_doc)
-            scores[name] = TaskScore(name, split, self.metric_key, doc_ids, [by_doc[d] for d in doc_ids])
-        return scores
+        names = list(tasks or self.tasks)
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise TaskError(f"task(s) {unknown} were not given to this Evaluator ({list(self.tasks)})")
+        ids = {name: self.item_ids(name, split, limit, fidelity) for name in names}
+        requests = {name: self.built_requests(name, split, ids[name]) for name in names}
+        if self.batch_size is None:
+            self.batch_size = self._probe_batch_size([r for rs in requests.values() for r in rs])
+            self.lm.batch_size_per_gpu = self.batch_size
+        start, self._clock.seconds = time.perf_counter(), 0.0
+        try:
+            self._check_finite_weights()
+            for name in names:
+                _serve(self.tasks[name], requests[name])
+            results = evaluate(
+                self.lm,
+                {"tasks": {name: self.tasks[name] for name in names}, "groups": {}, "group_map": {}},
+                samples={name: sorted(ids[name]) for name in names},  # lm-eval maps positions back in sorted order
+                bootstrap_iters=0,
+                log_samples=True,
+            )
+            scores = {name: self._task_score(name, split, ids[name], results["samples"][name]) for name in names}
+            error = None
+        except Exception as err:  # one bad candidate must not end the search; the reason is kept
+            scores, error = {}, f"{type(err).__name__}: {err}"
+        seconds = time.perf_counter() - start
+        return EvalResult(split, scores, seconds, self._clock.seconds, self.batch_size, error)
+
+    def _task_score(self, name: str, split: str, ids: list[int], samples: list[dict]) -> TaskScore:
+        metric, filter_name = self.metrics[name].split(",")
+        by_doc = {s["doc_id"]: float(s[metric]) for s in samples if s["filter"] == filter_name}
+        for doc_id, value in by_doc.items():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"task {name!r}: {metric} is {value} on doc {doc_id}")
+        return TaskScore(name, split, self.metrics[name], ids, [by_doc[d] for d in ids])
+
+    def _check_finite_weights(self) -> None:
+        params = dict(self.lm.model.named_parameters())
+        if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
+            bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+            raise FloatingPointError(f"non-finite weights in {bad}")
 
 
 def load_model(model_dir: Path, device: str = "cpu"):

@@ -18,14 +18,6 @@ class BadInput(Exception):
     """A user error; the message names the offending file, key, model or tensor."""
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        print(f"soupsearch {name}: not built yet (see the project's open issues)", file=sys.stderr)
-        return EXIT_FAILURE
-
-    return command
-
-
 def _zoo_build(args: argparse.Namespace) -> int:
     from search.zoo.build import build_zoo, open_zoo
     from search.zoo.recipe import RECIPES
@@ -80,16 +72,262 @@ def _add_zoo(commands: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_zoo_report)
 
 
-PLANNED = {
-    "run": "run or resume the study that FILE describes",
-    "worker": "join an existing study from another process or machine",
-    "validate": "check an experiment without running it; print the search space",
-    "merge": "build a mergekit config with soupsearch's engine (drop-in for mergekit-yaml)",
-    "eval": "score a saved model through the same evaluation path as the search",
-    "export": "export the best config YAML, exact weights, model card and test scores",
-    "status": "trials done, best so far, what is running",
-    "dashboard": "MLflow UI on localhost for this project's store",
-}
+def _eval_specs(args: argparse.Namespace) -> list:
+    """One TaskSpec per --tasks name; --data, --num-fewshot, --gen-kwargs, ... apply as in lm_eval."""
+    from lm_eval.utils import simple_parse_args_string
+    from pydantic import ValidationError
+
+    from evals.spec import TaskSpec
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    data: dict[str, dict[str, str]] = {}
+    for item in args.data:
+        task, _, rest = item.partition(":")
+        split, _, path = rest.partition("=")
+        if not (task and split and path):
+            raise BadInput(f"--data {item!r}: expected TASK:SPLIT=FILE, e.g. gsm8k:test=test.parquet")
+        if task not in names:
+            raise BadInput(f"--data {item!r}: task {task!r} is not in --tasks {args.tasks}")
+        data.setdefault(task, {})[split] = path
+    options = {"num_fewshot": args.num_fewshot, "chat_template": args.chat_template,
+               "system_instruction": args.system_instruction,
+               "gen_kwargs": simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else None}
+    try:
+        return [TaskSpec(task=name, data_files=data.get(name), **options) for name in names]
+    except ValidationError as problem:
+        raise BadInput(f"--tasks {args.tasks}: {problem}") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    import torch
+
+    from evals.harness import Evaluator, TaskError, load_model
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    specs = _eval_specs(args)
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise BadInput(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        evaluator = Evaluator(*load_model(model_dir, device), specs)
+    except TaskError as problem:
+        raise BadInput(str(problem)) from None
+    result = evaluator.score(args.split, limit=args.limit)
+    print(result.table())
+    if args.json:
+        record = {"model": str(model_dir.resolve()), **result.record(),
+                  "splits": {name: s.record() for name, s in evaluator.splits.items()}}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    summary = "score a saved model through the same evaluation path as the search"
+    sub = commands.add_parser("eval", help=summary, description=summary)
+    sub.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder")
+    sub.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (bundled: tiny_*)")
+    sub.add_argument("--split", choices=["search", "select", "test"], default="test",
+                     help="which item split to score (default test)")
+    sub.add_argument("--limit", type=_positive_int, help="score only the split's first N items")
+    sub.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    sub.add_argument("--data", action="append", default=[], metavar="TASK:SPLIT=FILE",
+                     help="local copy of a task's dataset split (.parquet/.jsonl, the hub's schema); repeatable")
+    sub.add_argument("--num-fewshot", type=int, help="few-shot examples for every task (default: each task's own)")
+    sub.add_argument("--gen-kwargs", help="generation options for every generative task, e.g. max_gen_toks=256")
+    sub.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template")
+    sub.add_argument("--system-instruction", help="system instruction prepended to every prompt")
+    sub.add_argument("--json", metavar="OUT", help="also write scores, per-item results and splits as JSON")
+    sub.set_defaults(func=_eval)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from merge_core import MergeInputError, merge_to_folder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available")
+    try:
+        report = merge_to_folder(args.config, args.out_dir, device=device)
+    except MergeInputError as problem:
+        raise BadInput(f"{args.config}: {problem}") from None
+    print(f"wrote {args.out_dir} ({report.method}, {report.seconds:.2f} s on {device})")
+    return EXIT_OK
+
+
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    summary = "build a mergekit config with soupsearch's engine (drop-in for mergekit-yaml)"
+    sub = commands.add_parser("merge", help=summary, description=summary)
+    sub.add_argument("config", metavar="CONFIG", help="a mergekit YAML config")
+    sub.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged HF model folder")
+    sub.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if present, else cpu")
+    sub.set_defaults(func=_merge)
+
+
+def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str,
+                func: Callable[[argparse.Namespace], int], file: str = "an experiment YAML (see experiments/)",
+                ) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows ``summary``; most take an experiment FILE first."""
+    sub = commands.add_parser(name, help=summary, description=summary)
+    if file:
+        sub.add_argument("file", metavar="FILE", help=file)
+    sub.set_defaults(func=func)
+    return sub
+
+
+def _experiment(path: str):
+    from search.experiment import ExperimentError, load_experiment
+
+    try:
+        return load_experiment(path)
+    except ExperimentError as problem:
+        raise BadInput(str(problem)) from None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a bad file, key, model, storage or tracking URI: exit 2."""
+    from merge_core import MergeInputError
+    from search.experiment import ExperimentError
+    from search.study import StorageError
+    from search.tracking import TrackingError
+
+    return ExperimentError, MergeInputError, StorageError, TrackingError
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from search.validate import validate
+
+    experiment = _experiment(args.file)
+    try:
+        print(validate(experiment, load=args.load))
+    except _user_errors() as problem:
+        raise BadInput(f"{args.file}: {problem}") from None
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from search.study import Settings, run_study, summary
+
+    experiment = _experiment(args.file)
+    overrides = {k: getattr(args, k, None) for k in ("trials", "timeout", "storage", "tracking_uri", "device", "seed")}
+    settings = Settings.of(experiment, **overrides)
+    if experiment.soup is not None:
+        return _soup(args, experiment, settings)
+    try:
+        study = run_study(experiment, settings, join=args.command == "worker")
+    except _user_errors() as problem:
+        raise BadInput(f"{args.file}: {problem}") from None
+    print(summary(study))
+    return EXIT_OK
+
+
+def _soup(args: argparse.Namespace, experiment, settings) -> int:
+    from search.soup import Souper, table
+
+    if args.command == "worker":
+        raise BadInput(f"{args.file}: a soup runs in one process; use `soupsearch run`")
+    try:
+        results = Souper(experiment, settings).run()
+    except _user_errors() as problem:
+        raise BadInput(f"{args.file}: {problem}") from None
+    print(table(results, experiment))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from optuna.trial import TrialState
+
+    from search.study import Settings, open_study, summary
+
+    experiment = _experiment(args.file)
+    try:
+        study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
+    except _user_errors() as problem:
+        raise BadInput(f"{args.file}: {problem}") from None
+    print(summary(study))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        print(f"running: trial {trial.number} on {trial.user_attrs.get('owner', '?')} since {trial.datetime_start}")
+    return EXIT_OK
+
+
+def _add_study_commands(commands: argparse._SubParsersAction) -> None:
+    sub = _subcommand(commands, "validate", "check an experiment without running it; print the search space",
+                      _validate)
+    sub.add_argument("--load", action="store_true", help="also open the models and plan configs against their weights")
+    for name, summary in (("run", "run or resume the study that FILE describes"),
+                          ("worker", "join an existing study from another process or machine")):
+        sub = _subcommand(commands, name, summary, _run)
+        sub.add_argument("--trials", type=_positive_int, help="finished trials the study should reach")
+        sub.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+        sub.add_argument("--storage", help="Optuna storage URL or journal file (default .soupsearch/journal.log)")
+        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the experiment's")
+        sub.add_argument("--seed", type=int, help="sampler and merge seed (default: the experiment's)")
+    sub = _subcommand(commands, "status", "trials done, best so far, what is running", _status)
+    sub.add_argument("--storage", help="Optuna storage URL or journal file (default: the experiment's)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from search.export import export
+    from search.study import Settings
+
+    experiment = _experiment(args.file)
+    if args.study:
+        experiment = experiment.model_copy(update={"study": experiment.study.model_copy(update={"name": args.study})})
+    settings = Settings.of(experiment, storage=args.storage, tracking_uri=args.tracking_uri, device=args.device)
+    try:
+        record = export(experiment, settings, Path(args.out))
+    except _user_errors() as problem:
+        raise BadInput(f"{args.file}: {problem}") from None
+    print(f"exported trial {record['trial']} to {args.out}: select {record['select_objective']:.4f}, "
+          f"test {record['test_objective']:.4f} (finalists {record['finalists']})")
+    return EXIT_OK
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    sub = _subcommand(commands, "export", "export the best config YAML, exact weights, model card and test scores",
+                      _export)
+    sub.add_argument("--out", required=True, help="an empty or new folder for the HF model, YAML and card")
+    sub.add_argument("--study", help="study name (default: the experiment's)")
+    sub.add_argument("--storage", help="Optuna storage URL or journal file (default: the experiment's)")
+    sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: the experiment's)")
+    sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the experiment's")
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from search.tracking import TrackingError, dashboard_command
+
+    uri = args.tracking_uri or (_experiment(args.file).tracking_uri if args.file else None)
+    try:
+        command = dashboard_command(uri, args.port)
+    except TrackingError as problem:
+        raise BadInput(str(problem)) from None
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    return subprocess.run(command, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}).returncode
+
+
+def _add_dashboard(commands: argparse._SubParsersAction) -> None:
+    sub = _subcommand(commands, "dashboard", "MLflow UI on 127.0.0.1 for this project's store", _dashboard, file="")
+    sub.add_argument("file", metavar="FILE", nargs="?", help="an experiment YAML, for its tracking_uri")
+    sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    sub.add_argument("--port", type=_positive_int, default=5000, help="default 5000")
+
+
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,11 +336,12 @@ def parser() -> argparse.ArgumentParser:
         description="Search merge configurations of fine-tuned language models, with no training.",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, summary in PLANNED.items():
-        sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        sub.set_defaults(func=_not_built(name))
+    _add_study_commands(commands)
+    _add_export(commands)
+    _add_dashboard(commands)
     _add_zoo(commands)
+    _add_merge(commands)
+    _add_eval(commands)
     return top
 
 

@@ -1,6 +1,7 @@
 """The pico zoo: trained Mistral models that load, round-trip, merge and score as promised."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_mergekit_yaml_accepts_zoo_models(pico_zoo, tmp_path):
         f"  - model: {pico_zoo / 'specialist-subtraction'}\n    parameters: {{weight: 0.5}}\n"
     )
     out = tmp_path / "merged"
-    mergekit_yaml = shutil.which("mergekit-yaml", path=str(__import__("pathlib").Path(sys.executable).parent))
+    mergekit_yaml = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable))
     subprocess.run([mergekit_yaml, str(config), str(out)], check=True, capture_output=True)
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
     a = load_file(pico_zoo / "specialist-addition" / "model.safetensors")
@@ -96,18 +97,52 @@ def test_mergekit_yaml_accepts_zoo_models(pico_zoo, tmp_path):
         torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
 
 
-def test_specialist_outscores_base_on_its_task(pico_zoo):
-    from evals.harness import Evaluator, load_model
+def _answer_nll(model, tokenizer, items) -> list[float]:
+    """Per item: negative log-likelihood per answer token of the gold answer, given lm-eval's prompt."""
+    per_item = []
+    for item in items:
+        prompt = tokenizer(f"Question: {item['question']}\nAnswer:")["input_ids"]
+        answer = tokenizer(f" {item['answer']}")["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        per_item.append(-logprobs.gather(1, torch.tensor(answer)[:, None]).mean().item())
+    return per_item
 
-    model, tokenizer = load_model(pico_zoo / "base")
-    evaluator = Evaluator(model, tokenizer, ["tiny_addition"])
-    base = evaluator.score("test")["tiny_addition"]
-    model.load_state_dict(load_file(pico_zoo / "specialist-addition" / "model.safetensors"))
-    specialist = evaluator.score("test")["tiny_addition"]
-    assert len(base.per_item) == len(specialist.per_item) == 200
-    assert specialist.mean > base.mean + 0.05
+
+@pytest.mark.parametrize("task", ["tiny_addition", "tiny_gsm8k"])
+def test_specialist_outscores_base_on_its_task(pico_zoo, task):
+    """Pico models are trained for seconds, so exact match is near 0 for all of them (the tiny
+    zoo's exact-match table is docs/zoo.md); the held-out answer likelihood still separates them."""
+    from evals.splits import split_items
+    from evals.tasks import load_items
+
+    items = load_items(task)
+    test = [items[i] for i in split_items(task, len(items)).test]
+    tokenizer = AutoTokenizer.from_pretrained(pico_zoo / "base")
+    nll = {
+        name: _answer_nll(AutoModelForCausalLM.from_pretrained(pico_zoo / name).eval(), tokenizer, test)
+        for name in ("base", f"specialist-{task.removeprefix('tiny_')}")
+    }
+    base, specialist = nll.values()
+    assert sum(specialist) < 0.95 * sum(base)
+    # paired: better on over 60% of the 200 items (a sign test's p < 0.002 under no difference)
+    assert sum(s < b for s, b in zip(specialist, base)) > 0.6 * len(test)
 
 
 def test_recipes_are_hashed_into_their_folder_names():
     assert RECIPES["pico"].folder_name != RECIPES["tiny"].folder_name
     assert PICO.folder_name.startswith("pico-") and len(PICO.digest) == 12
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_cold_cache_share_one_build(tmp_path):
+    code = "from search.zoo.build import open_zoo; print(open_zoo('pico', progress=False))"
+    env = {**os.environ, "SOUPSEARCH_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0].strip() for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert outputs[0] == outputs[1] == str(tmp_path / "zoo" / PICO.folder_name)
+    assert verify(tmp_path / "zoo" / PICO.folder_name)["models"] == PICO.models
+    assert not list((tmp_path / "zoo").glob(".pico-*"))  # no staging folder left behind

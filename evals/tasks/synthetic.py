@@ -34,7 +34,7 @@ def subtraction(rng: random.Random) -> Item:
 
 
 def multiplication(rng: random.Random) -> Item:
-    a, b = rng.randint(0, 99), rng.randint(0, 12)
+    a, b = rng.randint(0, 99), rng.randint(2, 9)  # no x0 / x1 freebies
     if rng.random() < 0.5:
         a, b = b, a
     return _item(f"What is {a} * {b}?", [f"{a} * {b} = {a * b}."], a * b)

@@ -8,6 +8,7 @@ that looks finished. ``open_zoo`` re-hashes the files before handing out paths.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import itertools
 import json
@@ -63,43 +64,55 @@ def verify(folder: Path) -> dict:
 def open_zoo(name: str = "tiny", build: bool = True, progress: bool = True) -> Path:
     """The verified folder of zoo ``name``; builds it (or rebuilds a corrupted one) if allowed."""
     recipe = RECIPES[name]
-    folder = zoo_dir(recipe)
     try:
-        verify(folder)
-        return folder
-    except ZooError as problem:
+        verify(zoo_dir(recipe))
+        return zoo_dir(recipe)
+    except ZooError:
         if not build:
             raise
-        if folder.exists():
-            print(f"zoo: {problem}; rebuilding")
-    return build_zoo(recipe, progress=progress)
+    return build_zoo(recipe, progress=progress, reuse=True)
 
 
-def build_zoo(recipe: Recipe, progress: bool = True) -> Path:
+def build_zoo(recipe: Recipe, progress: bool = True, reuse: bool = False) -> Path:
+    """Train the zoo under a per-recipe lock; with ``reuse``, a zoo another process built meanwhile is kept."""
     folder = zoo_dir(recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{recipe.folder_name}-"))
-    try:
-        _train_all(recipe, staging, progress)
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {
-            "recipe": asdict(recipe),
-            "digest": recipe.digest,
-            "models": recipe.models,
-            "torch": torch.__version__,
-            "files": {str(p.relative_to(staging)): _sha256(p) for p in files},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with (folder.parent / f"{recipe.folder_name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build
+        if reuse:
+            try:
+                verify(folder)
+                return folder
+            except ZooError as problem:
+                if folder.exists():
+                    print(f"zoo: {problem}; rebuilding")
+        for stale in folder.parent.glob(f".{recipe.folder_name}-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{recipe.folder_name}-"))
+        try:
+            _train_all(recipe, staging, progress)
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            manifest = {
+                "recipe": asdict(recipe),
+                "digest": recipe.digest,
+                "models": recipe.models,
+                "torch": torch.__version__,
+                "files": {str(p.relative_to(staging)): _sha256(p) for p in files},
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
 def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # same thread count, same sums
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar for the whole build, not one per saved shard
+    torch.set_num_threads(recipe.threads)
     held_out = {item["question"] for task in TASKS for item in eval_items(task)}
     streams = lambda seed: {t: training_stream(t, recipe.seed * 1000 + seed, held_out) for t in TASKS}
     corpus = mixture(streams(-1), {t: 1.0 for t in TASKS}, recipe.seed, format_document)
@@ -120,17 +133,23 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     fit("base", base, mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document), recipe.base)
     save("base", base)
 
+    def fine_tune(label: str, task: str, stream_seed: int, schedule):
+        others = (1 - recipe.replay) / (len(TASKS) - 1)
+        weights = {t: others for t in TASKS} | {task: 1 - recipe.replay}
+        documents = mixture(streams(stream_seed), weights, stream_seed, format_document)
+        return fit(label, copy.deepcopy(base), documents, schedule)
+
     specialists = {}
     for i, task in enumerate(TASKS, start=1):
-        documents = map(format_document, streams(i)[task])
-        specialists[task] = fit(task, copy.deepcopy(base), documents, recipe.specialist)
-        save(f"specialist-{task.removeprefix('tiny_')}", specialists[task])
+        name = f"specialist-{task.removeprefix('tiny_')}"
+        specialists[task] = fine_tune(name, task, i, recipe.specialist)
+        save(name, specialists[task])
 
     save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))
 
     for i, schedule in enumerate(recipe.ingredients):
-        documents = map(format_document, streams(100 + i)[WORD_PROBLEMS])
-        save(f"ingredient-{i:02d}", fit(f"ingredient-{i:02d}", copy.deepcopy(base), documents, schedule))
+        name = f"ingredient-{i:02d}"
+        save(name, fine_tune(name, WORD_PROBLEMS, 100 + i, schedule))
     bar.close()
 
 
@@ -144,7 +163,8 @@ def _general(recipe: Recipe, base, specialists):
         models,
         "dare_ties",
         base="base",
-        parameters={"density": recipe.general_density, "weight": 1.0},
+        # normalize divides by the summed weights: the mean of the sparsified task vectors
+        parameters={"density": recipe.general_density, "weight": 1.0, "normalize": True},
     )
     general = copy.deepcopy(base)
     general.load_state_dict(merged)

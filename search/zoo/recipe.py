@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 from search.zoo.train import Schedule, Shape
 
-ZOO_FORMAT = 1  # bump when the trainer or the folder layout changes what a recipe builds
+ZOO_FORMAT = 2  # bump when the trainer or the folder layout changes what a recipe builds
 ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
 WORD_PROBLEMS = "tiny_gsm8k"
 TASKS = (*ARITHMETIC, WORD_PROBLEMS)
@@ -22,7 +22,9 @@ class Recipe:
     base: Schedule  # pretraining on an even mixture of every task
     specialist: Schedule  # one fine-tune of the base per task
     ingredients: tuple[Schedule, ...]  # the soup sweep: fine-tunes on the word problems
+    replay: float = 0.15  # share of the other tasks mixed into every fine-tune, against forgetting
     general_density: float = 0.5  # DARE-TIES over the arithmetic specialists
+    threads: int = 2  # CPU threads change the float sums, so they are part of the recipe
     tokenizer_documents: int = 2000
     seed: int = 0
 
@@ -57,7 +59,7 @@ def _sweep(steps: int, lr: float) -> tuple[Schedule, ...]:
     ]
     poor = [
         Schedule(steps=max(2, steps // 8), lr=lr * 0.3, seed=7),  # barely trained
-        Schedule(steps=steps, lr=lr * 12, seed=8, warmup=2),  # too hot: forgets the base
+        Schedule(steps=steps, lr=lr * 10, seed=8, warmup=2),  # too hot: forgets the base
     ]
     return tuple(good + poor)
 
@@ -68,8 +70,8 @@ TINY = Recipe(
                 intermediate_size=256),
     vocab_size=384,
     base=Schedule(steps=1200, lr=3e-3, batch_size=32, warmup=50),
-    specialist=Schedule(steps=300, lr=5e-4, batch_size=32, warmup=10, seed=1),
-    ingredients=_sweep(steps=120, lr=5e-4),
+    specialist=Schedule(steps=400, lr=1e-3, batch_size=32, warmup=10, seed=1),
+    ingredients=_sweep(steps=100, lr=1e-3),
 )
 
 PICO = replace(
@@ -79,9 +81,10 @@ PICO = replace(
                 intermediate_size=96, max_position_embeddings=192),
     vocab_size=320,
     base=Schedule(steps=250, lr=5e-3, batch_size=16, warmup=20),
-    specialist=Schedule(steps=60, lr=2e-3, batch_size=16, warmup=5, seed=1),
-    ingredients=tuple(replace(s, batch_size=16) for s in _sweep(steps=16, lr=2e-3)),
+    specialist=Schedule(steps=100, lr=3e-3, batch_size=16, warmup=5, seed=1),
+    ingredients=tuple(replace(s, batch_size=16) for s in _sweep(steps=12, lr=3e-3)),
     tokenizer_documents=600,
+    threads=1,
 )
 
 RECIPES = {r.name: r for r in (TINY, PICO)}

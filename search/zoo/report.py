@@ -17,8 +17,11 @@ from evals.harness import Evaluator, TaskScore, load_model
 from search.zoo.build import open_zoo
 from search.zoo.recipe import RECIPES, TASKS, WORD_PROBLEMS
 
-MERGE_PAIR = ("tiny_addition", "tiny_subtraction")
-MERGE_GRID = {"task_arithmetic": (0.5, 0.75, 1.0), "ties": (0.75, 1.0, 1.25)}
+MERGE_PAIR = ("tiny_multiplication", "tiny_gsm8k")
+MERGE_GRID = {  # method -> the parameter settings tried on the select split
+    "task_arithmetic": [{"lambda": x} for x in (0.5, 0.6, 0.7, 0.8)],
+    "ties": [{"lambda": 1.0, "density": d} for d in (0.3, 0.6)],
+}
 
 
 def _short(task: str) -> str:
@@ -29,13 +32,15 @@ def _cell(score: TaskScore) -> str:
     return f"{100 * score.mean:.1f} [{100 * score.ci_low:.1f}, {100 * score.ci_high:.1f}]"
 
 
-def _merge_pair(method: str, scale: float, base: dict, a: dict, b: dict) -> dict:
+def _merge_pair(method: str, parameters: dict, base: dict, a: dict, b: dict) -> dict:
     from mergekit.merge_methods.api import merge_state_dicts
 
-    parameters = {"weight": 1.0, "lambda": scale}
-    if method == "ties":
-        parameters["density"] = 0.5
-    return merge_state_dicts({"base": base, "a": a, "b": b}, method, base="base", parameters=parameters)
+    return merge_state_dicts({"base": base, "a": a, "b": b}, method, base="base",
+                             parameters={"weight": 1.0, **parameters})
+
+
+def _settings(parameters: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parameters.items())
 
 
 def write_report(variant: str, out: Path, progress: bool = True) -> Path:
@@ -44,7 +49,9 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
     model, tokenizer = load_model(folder / "base")
     evaluator = Evaluator(model, tokenizer, TASKS)
     weights = {name: load_file(folder / name / "model.safetensors") for name in recipe.models}
-    bar = tqdm(total=len(weights) + 2 * sum(map(len, MERGE_GRID.values())) + 2, desc="zoo report",
+    ingredients = [n for n in recipe.models if n.startswith("ingredient")]
+    bar = tqdm(total=len(weights) + len(ingredients) + sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID),
+               desc="zoo report",
                disable=not progress)
 
     def score(state: dict, split: str, tasks=TASKS) -> dict[str, TaskScore]:
@@ -54,19 +61,18 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
         return evaluator.score(split, tasks=tasks)
 
     test = {name: score(state, "test") for name, state in weights.items()}
-    ingredients = [n for n in recipe.models if n.startswith("ingredient")]
     ingredient_select = {n: score(weights[n], "select", [WORD_PROBLEMS])[WORD_PROBLEMS] for n in ingredients}
 
     a_name, b_name = (f"specialist-{_short(t)}" for t in MERGE_PAIR)
     merges = {}
     for method, grid in MERGE_GRID.items():
-        tried = {}
-        for scale in grid:
-            state = _merge_pair(method, scale, weights["base"], weights[a_name], weights[b_name])
+        tried = []
+        for parameters in grid:
+            state = _merge_pair(method, parameters, weights["base"], weights[a_name], weights[b_name])
             select = score(state, "select", MERGE_PAIR)
-            tried[scale] = (sum(select[t].mean for t in MERGE_PAIR) / 2, state)
-        best = max(tried, key=lambda s: tried[s][0])
-        merges[method] = (best, score(tried[best][1], "test", MERGE_PAIR))
+            tried.append((sum(select[t].mean for t in MERGE_PAIR) / 2, parameters, state))
+        _, best, state = max(tried, key=lambda row: row[0])
+        merges[method] = (best, score(state, "test", MERGE_PAIR))
     bar.close()
 
     lines = [
@@ -99,17 +105,17 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
 
     pair = " + ".join(_short(t) for t in MERGE_PAIR)
     lines += [f"## Two-specialist merges ({pair}), mean of the two tasks", "",
-              "λ is chosen on the select split from the grid shown; the scores are on test.", "",
+              "The setting is chosen on the select split from the grid shown; the scores are on test.", "",
               "| model | " + " | ".join(_short(t) for t in MERGE_PAIR) + " | mean | beats both parents |",
               "|---|---|---|---|---|"]
     parent_means = {n: sum(test[n][t].mean for t in MERGE_PAIR) / 2 for n in (a_name, b_name)}
     for name in (a_name, b_name):
         lines.append(f"| {name} | " + " | ".join(_cell(test[name][t]) for t in MERGE_PAIR)
                      + f" | {100 * parent_means[name]:.1f} | |")
-    for method, (scale, scores) in merges.items():
+    for method, (best, scores) in merges.items():
         mean = sum(scores[t].mean for t in MERGE_PAIR) / 2
-        grid = ", ".join(map(str, MERGE_GRID[method]))
-        lines.append(f"| {method} λ={scale} (grid {grid}) | " + " | ".join(_cell(scores[t]) for t in MERGE_PAIR)
+        grid = "; ".join(_settings(p) for p in MERGE_GRID[method])
+        lines.append(f"| {method} {_settings(best)} (grid: {grid}) | " + " | ".join(_cell(scores[t]) for t in MERGE_PAIR)
                      + f" | {100 * mean:.1f} | {'yes' if mean > max(parent_means.values()) else 'NO'} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -1,0 +1,33 @@
+"""What the search maximizes: one weighted mean of task scores, or (multi-objective) a list of them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from evals.harness import TaskScore
+
+
+class Objective(BaseModel):
+    """``sum(w_t * mean_t) / sum(w_t)`` over tasks t: a weighted mean, so it stays on the metric's scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: dict[str, float] = Field(description="task name -> weight (each >= 0, not all 0)")
+
+    @field_validator("weights")
+    @classmethod
+    def _usable(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"objective weights must be >= 0 with a positive sum, got {weights}")
+        return weights
+
+    @property
+    def name(self) -> str:
+        return "+".join(f"{w:g}*{task}" for task, w in self.weights.items())
+
+    def __call__(self, scores: Mapping[str, TaskScore]) -> float:
+        """Raises EvaluationFailed when ``scores`` is a failed EvalResult, KeyError for a missing task."""
+        return sum(w * scores[task].mean for task, w in self.weights.items()) / sum(self.weights.values())
+

@@ -1,0 +1,70 @@
+"""Read a mergekit configuration (YAML text, file or dict) into mergekit's own validated model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from mergekit import merge_methods
+from mergekit.common import dtype_from_name
+from mergekit.config import MergeConfiguration
+from pydantic import ValidationError
+
+from merge_core.errors import MergeInputError
+
+ConfigSource = str | Path | Mapping[str, Any] | MergeConfiguration
+
+
+def load_config(source: ConfigSource) -> MergeConfiguration:
+    """Parse and check the parts of a config that need no model: structure, method, dtypes."""
+    if isinstance(source, MergeConfiguration):
+        return source.model_copy(deep=True)
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                    and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise MergeInputError(f"config file {path} does not exist")
+        source = path.read_text()
+    raw = yaml.safe_load(source) if isinstance(source, str) else dict(source)
+    if not isinstance(raw, Mapping):
+        raise MergeInputError("a merge config must be a mapping with merge_method and models/slices")
+    try:
+        config = MergeConfiguration.model_validate(raw)
+    except (ValidationError, RuntimeError) as problem:
+        raise MergeInputError(f"invalid merge config: {problem}") from None
+    check_method(config.merge_method)
+    for key in ("dtype", "out_dtype"):
+        torch_dtype(getattr(config, key), key)
+    unsupported = [key for key in ("tokenizer", "tokenizer_source", "chat_template")
+                   if getattr(config, key) is not None]
+    if unsupported:
+        # The vocabulary permutation mergekit applies for these is not built yet.
+        raise MergeInputError(f"config key {unsupported[0]!r} is not supported by soupsearch merge; "
+                              "use mergekit-yaml for tokenizer surgery")
+    for model in config.referenced_models():
+        if model.lora is not None or model.override_architecture is not None:
+            raise MergeInputError(f"model {model}: LoRA adapters and architecture overrides "
+                                  "are not supported; merge the adapter first")
+    return config
+
+
+def check_method(name: str) -> merge_methods.MergeMethod:
+    try:
+        return merge_methods.get(name)
+    except RuntimeError:
+        known = ", ".join(sorted(m.spec.name for m in merge_methods.registered_methods()))
+        raise MergeInputError(f"unknown merge_method {name!r}; mergekit registers: {known}") from None
+
+
+def torch_dtype(name: str | None, key: str = "dtype") -> torch.dtype | None:
+    try:
+        dtype = dtype_from_name(name)
+    except RuntimeError:
+        dtype = torch.int64  # rejected below with the key's name
+    if dtype is not None and not dtype.is_floating_point:
+        raise MergeInputError(f"{key}: {name!r} is not a floating-point dtype "
+                              "(bfloat16, float16, float32 or float64)")
+    return dtype

@@ -1,0 +1,316 @@
+"""The Optuna loop: propose a config, build it in place, score it on nested search prefixes, record it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from merge_core import MergeInputError
+from search.experiment import Experiment, ExperimentError
+from search.space import expand_warm_start, grid, suggest, to_config
+from search.tracking import Tracker
+from search.workbench import Workbench
+
+DEFAULT_JOURNAL = Path(".soupsearch") / "journal.log"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened; the message names it."""
+
+
+class TrialFailed(Exception):
+    """One candidate could not be built or scored; the study records the reason and goes on."""
+
+
+@dataclass
+class Settings:
+    """The experiment's run settings after command-line overrides."""
+
+    trials: int
+    timeout: float | None
+    storage: str | None
+    tracking_uri: str | None
+    device: str
+    seed: int
+
+    @classmethod
+    def of(cls, experiment: Experiment, **overrides) -> Settings:
+        defaults = {"trials": experiment.study.trials, "timeout": experiment.study.timeout,
+                    "storage": experiment.storage, "tracking_uri": experiment.tracking_uri,
+                    "device": experiment.device, "seed": experiment.seed}
+        return cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
+    """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        if spec is not None and "://" in spec:
+            return RDBStorage(spec, heartbeat_interval=60,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        path = Path(spec) if spec else DEFAULT_JOURNAL
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
+        raise StorageError(f"storage {spec or DEFAULT_JOURNAL}: {type(problem).__name__}: {problem}") from None
+
+
+def _sampler(experiment: Experiment, seed: int) -> optuna.samplers.BaseSampler:
+    name = experiment.study.sampler
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid(experiment), seed=seed)
+    return {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
+            "random": optuna.samplers.RandomSampler, "nsga2": optuna.samplers.NSGAIISampler}[name](seed=seed)
+
+
+def _pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
+    rungs = experiment.evaluation.fidelity
+    return {"none": optuna.pruners.NopPruner,
+            "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0]),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=rungs[-1]),
+            "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1)}[experiment.study.pruner]()
+
+
+def open_study(experiment: Experiment, settings: Settings, create: bool = True) -> optuna.Study:
+    storage = open_storage(settings.storage)
+    tasks = experiment.evaluation.task_names
+    directions = ["maximize"] * (len(tasks) if experiment.study.sampler == "nsga2" else 1)
+    if not create:
+        try:
+            return optuna.load_study(study_name=experiment.study_name, storage=storage,
+                                     sampler=_sampler(experiment, settings.seed), pruner=_pruner(experiment))
+        except KeyError:
+            raise StorageError(f"storage {settings.storage or DEFAULT_JOURNAL}: no study "
+                               f"{experiment.study_name!r}; start it with `soupsearch run`") from None
+    return optuna.create_study(study_name=experiment.study_name, storage=storage, load_if_exists=True,
+                               sampler=_sampler(experiment, settings.seed), pruner=_pruner(experiment),
+                               directions=directions)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_dead(owner: str) -> bool:
+    """Only a process on this host can be checked; other hosts rely on RDB heartbeats."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_interrupted(study: optuna.Study, tracker: Tracker) -> list[int]:
+    """Fail each RUNNING trial whose process is gone and enqueue it again with its params and seed."""
+    retried = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner")
+        if owner is None or not _owner_dead(owner):
+            continue
+        # journal storage has no heartbeat, so no public call fails another process's trial
+        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"interrupted: {owner} ended mid-trial")
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if "mlflow_run_id" in trial.user_attrs:
+            tracker.end(trial.user_attrs["mlflow_run_id"], "FAILED")
+        study.enqueue_trial(trial.params, user_attrs={"seed": trial.user_attrs["seed"], "retry_of": trial.number})
+        retried.append(trial.number)
+    return retried
+
+
+def enqueue_warm_starts(study: optuna.Study, experiment: Experiment) -> None:
+    for index, start in enumerate(experiment.warm_starts):
+        study.enqueue_trial(expand_warm_start(experiment, start, f"warm_starts[{index}]"), skip_if_exists=True)
+
+
+class Objective:
+    """One trial: suggest -> mergekit config -> in-place build -> scores at each fidelity rung."""
+
+    def __init__(self, experiment: Experiment, bench: Workbench, tracker: Tracker, parent_run: str,
+                 seed: int) -> None:
+        self.experiment, self.bench, self.tracker = experiment, bench, tracker
+        self.parent_run, self.seed = parent_run, seed
+        self.multi = experiment.study.sampler == "nsga2"
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        # a re-run of an interrupted trial keeps that trial's seed, so it rebuilds the same weights
+        seed = trial.user_attrs.get("seed", self.seed * 1_000_003 + trial.number)
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("owner", _owner())
+        run = self.tracker.trial_run(self.parent_run, trial.study.study_name, trial.number)
+        trial.set_user_attr("mlflow_run_id", run)
+        status = "FAILED"
+        try:
+            values = self._evaluate(trial, run, seed)
+            status = "FINISHED"
+            return values
+        except optuna.TrialPruned:
+            status = "FINISHED"
+            self.tracker.tag(run, "soupsearch.state", "PRUNED")
+            raise
+        except TrialFailed as problem:
+            trial.set_user_attr("fail_reason", str(problem))
+            self.tracker.tag(run, "soupsearch.fail_reason", str(problem)[:5000])
+            raise
+        finally:
+            self.tracker.end(run, status)
+
+    def _evaluate(self, trial: optuna.Trial, run: str, seed: int) -> float | list[float]:
+        started = time.perf_counter()
+        params = suggest(trial, self.experiment)
+        config = to_config(self.experiment, params, self.bench.refs)
+        config_yaml = yaml.safe_dump(config, sort_keys=False)
+        self.tracker.log(run, params=params | {"seed": seed}, texts={"config.yaml": config_yaml})
+        try:
+            report = self.bench.build(config, seed)
+        except MergeInputError as problem:
+            raise TrialFailed(f"merge failed: {problem}") from None
+        merge_s = report.seconds
+        objective = self.experiment.evaluation.weights
+        eval_s, reported = 0.0, set()
+        for rung in self.experiment.evaluation.fidelity:
+            result = self.bench.score("search", limit=rung)
+            eval_s += result.seconds
+            if not result.ok:
+                self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
+                raise TrialFailed(f"evaluation failed at {rung} items: {result.error}")
+            value = objective(result)
+            self._report(trial, result, value, rung, reported)
+            trial.set_user_attr("fidelity", rung)
+            metrics = {f"search/{k}": v for k, v in result.metrics().items()}
+            metrics |= {"search/objective": value, "fidelity": rung, "merge_s": merge_s, "eval_s": eval_s,
+                        "total_s": time.perf_counter() - started}
+            self.tracker.log(run, metrics=metrics)
+            if trial.should_prune():
+                self.tracker.log(run, dicts={"per_item.json": result.record()})
+                raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")
+        trial.set_user_attr("merge_s", merge_s)
+        trial.set_user_attr("eval_s", eval_s)
+        self.tracker.log(run, dicts={"per_item.json": result.record()})
+        return [result[task].mean for task in objective.weights] if self.multi else value
+
+    def _report(self, trial: optuna.Trial, result, value: float, rung: int, reported: set[int]) -> None:
+        """Wilcoxon wants per-item scores (step = task and item); halving wants the mean at each rung."""
+        if self.multi:
+            return
+        if self.experiment.study.pruner != "wilcoxon":
+            trial.report(value, step=rung)
+            return
+        for task_index, task in enumerate(result):
+            for doc, score in zip(result[task].doc_ids, result[task].per_item):
+                step = task_index * 1_000_000 + doc
+                if step not in reported:
+                    trial.report(score, step=step)
+                    reported.add(step)
+
+
+def run_study(experiment: Experiment, settings: Settings, join: bool = False) -> optuna.Study:
+    """Run (or resume) the study until ``settings.trials`` trials have finished; ``join``: a worker."""
+    from optuna.study import MaxTrialsCallback
+    from tqdm.auto import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bench = Workbench(experiment, settings.device)  # a missing model fails before anything is written
+    tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
+    study = open_study(experiment, settings, create=not join)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None:
+        parent = tracker.parent_run(study.study_name)
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        tracker.log(parent, params={"sampler": experiment.study.sampler, "pruner": experiment.study.pruner,
+                                    "methods": ",".join(experiment.space.methods), "seed": settings.seed,
+                                    "fidelity": experiment.evaluation.fidelity,
+                                    "objective": experiment.evaluation.weights.name},
+                    texts={"experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True),
+                                                             sort_keys=False)})
+    recover_interrupted(study, tracker)
+    # a resumed sampler must not replay the fresh stream (it would propose the finished trials again),
+    # and concurrent workers must not share one: reseed by trials so far, and by process for workers
+    offset = len(study.trials) + (os.getpid() << 20 if join else 0)
+    study.sampler = _sampler(experiment, (settings.seed + offset) % 2**32)
+    enqueue_warm_starts(study, experiment)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    remaining = settings.trials - done
+    if remaining > 0:
+        bar = tqdm(total=settings.trials, initial=done, desc="trials", unit="trial", dynamic_ncols=True)
+
+        def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if len(study.directions) == 1 and any(t.state == TrialState.COMPLETE for t in study.trials):
+                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
+            if trial.state in FINISHED:
+                bar.update(1)
+
+        objective = Objective(experiment, bench, tracker, parent, settings.seed)
+        try:
+            # failed trials do not count; allow as many failures as trials before giving up
+            study.optimize(objective, n_trials=remaining + settings.trials, timeout=settings.timeout,
+                           catch=(TrialFailed,), gc_after_trial=False,
+                           callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress])
+        finally:
+            bar.close()
+    if not join:
+        record_study(study, tracker, parent)
+    return study
+
+
+def leaderboard(study: optuna.Study, top: int | None = None) -> list[dict]:
+    """Finished and failed trials, best first (by the first objective)."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+        rows.append({"trial": trial.number, "state": trial.state.name,
+                     "value": trial.values[0] if trial.values else None,
+                     "method": trial.params.get("method", ""),
+                     "fidelity": trial.user_attrs.get("fidelity"),
+                     "merge_s": trial.user_attrs.get("merge_s"), "eval_s": trial.user_attrs.get("eval_s"),
+                     "seed": trial.user_attrs.get("seed"),
+                     "note": trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))})
+    rows.sort(key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e300)))
+    return rows[:top]
+
+
+def summary(study: optuna.Study, top: int = 10) -> str:
+    counts = {state.name: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
+    lines = [f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
+             f"{'trial':>5}  {'state':<8} {'value':>8}  {'merge s':>7}  {'eval s':>7}  {'seed':>10}  note"]
+    for row in leaderboard(study, top):
+        value = "" if row["value"] is None else f"{row['value']:.4f}"
+        timing = [f"{row[k]:7.2f}" if row[k] is not None else f"{'':>7}" for k in ("merge_s", "eval_s")]
+        lines.append(f"{row['trial']:>5}  {row['state']:<8} {value:>8}  {timing[0]}  {timing[1]}  "
+                     f"{row['seed'] if row['seed'] is not None else '':>10}  {str(row['note'])[:60]}")
+    return "\n".join(lines)
+
+
+def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
+    """On the parent run: the leaderboard, the best config and Optuna's plots (HTML: no kaleido for PNG)."""
+    rows = leaderboard(study)
+    tracker.client.log_table(parent, data={k: [r[k] for r in rows] for k in rows[0]} if rows else {},
+                             artifact_file="leaderboard.json")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete and len(study.directions) == 1:
+        best = study.best_trial
+        config = tracker.client.download_artifacts(best.user_attrs["mlflow_run_id"], "config.yaml")
+        tracker.log(parent, metrics={"best/search_objective": best.value},
+                    texts={"best_config.yaml": Path(config).read_text()})
+        tracker.tag(parent, "soupsearch.best_trial", str(best.number))
+        from optuna import visualization
+
+        tracker.client.log_figure(parent, visualization.plot_optimization_history(study),
+                                  "plots/optimization_history.html")
+        if len(complete) > 1 and len(study.best_trial.params) > 1:
+            tracker.client.log_figure(parent, visualization.plot_param_importances(study),
+                                      "plots/param_importances.html")
+    tracker.end(parent)

@@ -1,0 +1,55 @@
+"""What every trial reuses: the parents resident once, one candidate built in place, one evaluator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from evals.harness import EvalResult, Evaluator
+from merge_core import BuildReport, Engine, Parents
+from search.experiment import Experiment, resolve_model
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from search.experiment import ExperimentError
+
+        raise ExperimentError("device cuda: no CUDA device is available")
+    return requested
+
+
+class Workbench:
+    def __init__(self, experiment: Experiment, device: str = "auto") -> None:
+        from transformers import AutoTokenizer
+
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        self.experiment = experiment
+        self.device = pick_device(device)
+        self.refs: dict[str, str] = {alias: str(resolve_model(ref)) for alias, ref in experiment.models.items()}
+        self.engine = Engine(Parents.open(dict.fromkeys(self.refs.values()), self.device))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.refs[experiment.base_model])
+        self._evaluator: Evaluator | None = None
+
+    def build(self, config: Mapping, seed: int) -> BuildReport:
+        return self.engine.build(config, seed=seed)
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """Wraps the candidate built last; rebuilt only if the engine had to re-create the candidate."""
+        model = self.engine.candidate.model
+        if self._evaluator is None or self._evaluator.lm.model is not model:
+            evaluation = self.experiment.evaluation
+            self._evaluator = Evaluator(model, self.tokenizer, evaluation.tasks, batch_size=evaluation.batch_size,
+                                        split_seed=evaluation.split_seed)
+        return self._evaluator
+
+    def score(self, split: str, limit: int | None = None) -> EvalResult:
+        """The built candidate on ``split``; search limits are nested prefixes of a fixed order."""
+        if limit is None:
+            limit = {"select": self.experiment.evaluation.select_limit,
+                     "test": self.experiment.evaluation.test_limit}.get(split)
+        return self.evaluator.score(split, limit=limit)

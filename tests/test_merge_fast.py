@@ -1,0 +1,120 @@
+"""Fast paths against mergekit's own in-memory API: exact equality, exact top-k, seeded masks."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from merge_configs import configs
+from merge_core import Engine, Parents
+from merge_core.fast import dare_keep
+from merge_core.parents import Parent
+
+FAST_CASES = ["linear", "linear_negative_unnormalized", "slerp_gradient", "task_arithmetic", "ties",
+              "ties_filters_lambda", "slices_two_slerp_bf16_out", "task_arithmetic_bf16"]
+MODELS = ["base", "specialist-addition", "specialist-subtraction", "specialist-multiplication",
+          "specialist-gsm8k"]
+
+
+@pytest.fixture(scope="module")
+def parents(pico_zoo):
+    loaded = Parents.open([pico_zoo / name for name in MODELS])
+    loaded.load()
+    return loaded
+
+
+def weights(engine: Engine) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in engine.candidate.tensors.items()}
+
+
+def build(parents: Parents, config: dict, fast: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    engine = Engine(parents, use_fast_paths=fast)
+    report = engine.build(config, seed=seed)
+    assert report.fast_path == fast
+    return weights(engine)
+
+
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_fast_path_equals_mergekit_api_bit_for_bit(name, parents, pico_zoo):
+    config = configs(pico_zoo)[name]
+    ours, mergekit = build(parents, config, fast=True), build(parents, config, fast=False)
+    for tensor, value in mergekit.items():
+        assert torch.equal(ours[tensor], value), tensor
+
+
+def test_new_densities_reuse_the_study_cache(parents, pico_zoo):
+    config = copy.deepcopy(configs(pico_zoo)["ties"])
+    engine = Engine(parents)
+    engine.build(config)
+    cached = len(engine.cache.values)
+    for model in config["models"]:
+        model["parameters"]["density"] = 0.05
+    engine.build(config)
+    assert len(engine.cache.values) == cached
+    assert all(torch.equal(engine.candidate.tensors[k], v)
+               for k, v in build(parents, config, fast=False).items())
+
+
+def quantized_parents(zoo: Path, step: float) -> Parents:
+    """Base and one fine-tune whose task vector takes few distinct magnitudes: many top-k ties."""
+    base, tuned = Parent.open(zoo / "base"), Parent.open(zoo / "specialist-gsm8k")
+    stored = Parents([base, tuned])
+    stored.load()
+    for name, value in base.tensors.items():
+        tau = ((tuned.tensors[name] - value) / step).round().clamp(-3, 3) * step
+        tuned.tensors[name] = value + tau
+    return stored
+
+
+@pytest.mark.parametrize("density", [0.0001, 0.37, 0.9])
+def test_ties_keeps_exactly_mergekits_top_k_under_ties(density, pico_zoo):
+    stored = quantized_parents(pico_zoo, step=1e-3)
+    config = {"merge_method": "ties", "base_model": str(pico_zoo / "base"), "models": [
+        {"model": str(pico_zoo / "specialist-gsm8k"), "parameters": {"weight": 1.0, "density": density}}]}
+    ours, mergekit = build(stored, config, fast=True), build(stored, config, fast=False)
+    base, tuned = stored[pico_zoo / "base"].tensors, stored[pico_zoo / "specialist-gsm8k"].tensors
+    for name, value in mergekit.items():
+        assert torch.equal(ours[name], value), name
+        changed = int((ours[name] != base[name]).sum())
+        nonzero = int((tuned[name] != base[name]).sum())
+        assert changed == min(nonzero, max(1, int(density * value.numel()))), name
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pico_zoo):
+    config = configs(pico_zoo)[method]
+    engine = Engine(parents)
+    engine.build(config, seed=7)
+    ours = weights(engine)
+    plan = engine.plan(config)
+    masks = iter([dare_keep(job.shape, job.per_input["density"][source.model], 7, job, source.model,
+                            torch.device("cpu"))
+                  for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
+
+    def same_masks(probabilities: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return next(masks).to(probabilities.dtype)
+
+    with mock.patch("mergekit.sparsify.torch.bernoulli", side_effect=same_masks):
+        mergekit = build(parents, config, fast=False, seed=7)
+    assert next(masks, None) is None  # mergekit drew exactly one mask per task vector
+    for tensor, value in mergekit.items():
+        assert torch.equal(ours[tensor], value), tensor
+
+
+@pytest.mark.parametrize("method,fast", [("dare_ties", True), ("dare_linear", True),
+                                         ("della", False), ("della_linear", False)])
+def test_random_merges_depend_on_seed_not_on_order(method, fast, parents, pico_zoo):
+    config = configs(pico_zoo)[method]
+    engine = Engine(parents, use_fast_paths=fast)
+    plan = engine.plan(config)
+    engine.build(plan, seed=3)
+    first = weights(engine)
+    engine.build(dataclasses.replace(plan, jobs=tuple(reversed(plan.jobs))), seed=3)
+    assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in first.items())
+    engine.build(plan, seed=4)
+    assert not all(torch.equal(engine.candidate.tensors[k], v) for k, v in first.items())

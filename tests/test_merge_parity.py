@@ -1,0 +1,95 @@
+"""`soupsearch merge` against the `mergekit-yaml` binary, config by config, on pico zoo models."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from merge_configs import RANDOM_METHODS, configs
+from search.cli import main
+
+pytestmark = pytest.mark.slow
+MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
+CASES = sorted(configs(Path("zoo")))
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as reader:
+            tensors.update({name: reader.get_tensor(name) for name in reader.keys()})
+    return tensors
+
+
+def build_both(name: str, zoo: Path, tmp: Path, config: dict | None = None) -> tuple[Path, Path]:
+    config_file = tmp / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config or configs(zoo)[name]))
+    theirs, ours = tmp / "mergekit", tmp / "ours"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(MERGEKIT_YAML), str(config_file), str(theirs)], check=True, env=env,
+                   capture_output=True)
+    assert main(["merge", str(config_file), str(ours), "--device", "cpu"]) == 0
+    return theirs, ours
+
+
+def within_one_ulp(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    ulp = torch.nextafter(theirs.abs(), torch.tensor(float("inf"), dtype=theirs.dtype)) - theirs.abs()
+    return bool(((ours.float() - theirs.float()).abs() <= ulp.float()).all())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_folder_as_mergekit_yaml(name, pico_zoo, tmp_path):
+    theirs, ours = build_both(name, pico_zoo, tmp_path)
+    expected, built = read_folder(theirs), read_folder(ours)
+    assert list(built) == list(expected)
+    for tensor, value in expected.items():
+        assert (built[tensor].shape, built[tensor].dtype) == (value.shape, value.dtype), tensor
+        if configs(pico_zoo)[name]["merge_method"] not in RANDOM_METHODS:
+            assert within_one_ulp(built[tensor], value), tensor
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "mergekit_config.yml"):
+        assert filecmp.cmp(ours / file, theirs / file, shallow=False), file
+    assert not list(tmp_path.glob(".ours.partial-*"))
+
+
+def test_passthrough_changes_layer_count(pico_zoo, tmp_path):
+    theirs, ours = build_both("passthrough_slices", pico_zoo, tmp_path)
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 3
+    assert "model.layers.2.mlp.down_proj.weight" in read_folder(ours)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_sparsification_statistics_match_mergekit(method, pico_zoo, tmp_path):
+    """One task vector, weight 1: merged - base = tau * mask * (|tau|_1 / |tau*mask|_1), per tensor."""
+    density = 0.3
+    config = {"merge_method": method, "base_model": str(pico_zoo / "base"), "dtype": "float64",
+              "models": [{"model": str(pico_zoo / "specialist-gsm8k"),
+                          "parameters": {"weight": 1.0, "density": density, "epsilon": 0.1}}]}
+    theirs, ours = build_both(method, pico_zoo, tmp_path, config)
+    base = read_folder(pico_zoo / "base")
+    tuned = read_folder(pico_zoo / "specialist-gsm8k")
+    kept_fractions = {}
+    for label, folder in (("mergekit", theirs), ("ours", ours)):
+        kept = total = 0
+        for name, merged in read_folder(folder).items():
+            tau = tuned[name].double() - base[name].double()
+            delta = merged - base[name].double()
+            mask = delta != 0
+            scale = tau.abs().sum() / tau[mask].abs().sum()
+            # DARE works in fp32 on the CPU, hence the tolerance
+            torch.testing.assert_close(delta[mask], tau[mask] * scale, rtol=1e-6, atol=1e-9)
+            # untouched entries (tau == 0, e.g. unused token rows) cannot show whether they were kept
+            kept, total = kept + int(mask.sum()), total + int((tau != 0).sum())
+        kept_fractions[label] = kept / total
+        # 4 binomial standard deviations around the keep probability
+        assert abs(kept / total - density) < 4 * (density * (1 - density) / total) ** 0.5, label
+    assert abs(kept_fractions["ours"] - kept_fractions["mergekit"]) < 0.01

@@ -1,0 +1,233 @@
+"""`soupsearch run` / `export` end to end on the pico zoo: Optuna journal, MLflow records, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from safetensors.torch import load_file
+
+from merge_core.config import load_config
+from search.cli import main
+from tests.search_helpers import write_experiment
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _study(folder: Path, name: str = "pico-slerp") -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(folder / ".soupsearch" / "journal.log")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _runs(folder: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pico-slerp")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path)
+    assert main(["run", str(path), "--trials", "3"]) == 0
+    assert "study pico-slerp: 3 complete" in capsys.readouterr().out
+    study = _study(tmp_path)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 3
+    assert trials[0].params["slerp/t/self_attn/1"] == 1.0  # the warm start ran first
+
+    client, runs = _runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 3 == len(runs) - 1
+    by_number = {int(r.data.tags["soupsearch.trial"]): r for r in children}
+    for trial in trials:
+        run = by_number[trial.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["search/objective"] == pytest.approx(trial.value)
+        key = "search/tiny_gsm8k/exact_match_strict-match"
+        assert run.data.metrics[f"{key}/ci_low"] <= run.data.metrics[key] <= run.data.metrics[f"{key}/ci_high"]
+        assert {"merge_s", "eval_s", "total_s", "fidelity"} <= set(run.data.metrics)
+        assert run.data.params["seed"] == str(trial.user_attrs["seed"])
+        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
+        assert config["parameters"]["t"][0]["value"] == [trial.params["slerp/t/self_attn/0"],
+                                                         trial.params["slerp/t/self_attn/1"]]
+        load_config(config)
+        per_item = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "per_item.json")).read_text())
+        items = per_item["tasks"]["tiny_gsm8k"]["per_item"]
+        assert len(items) == 8 and sum(items) / 8 == pytest.approx(trial.value)
+    parent = parents[0].info.run_id
+    best = Path(client.download_artifacts(parent, "best_config.yaml")).read_text()
+    assert best == Path(client.download_artifacts(by_number[study.best_trial.number].info.run_id,
+                                                  "config.yaml")).read_text()
+    assert {"leaderboard.json", "plots"} <= {a.path for a in client.list_artifacts(parent)}
+
+    out = tmp_path / "export"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    scores = yaml.safe_load((out / "scores.json").read_text())
+    assert scores["finalists"][0] == study.best_trial.number and scores["trial"] in scores["finalists"]
+    assert "| test | tiny_gsm8k |" in (out / "README.md").read_text()
+    # SLERP is deterministic: mergekit-yaml on the exported YAML must give the exported weights
+    reference = tmp_path / "mergekit"
+    subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(out / "mergekit_config.yml"),
+                    str(reference)], check=True, env=ENV, capture_output=True)
+    ours, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].equal(theirs[name]), name
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_path):
+    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [64]},
+                            study={"sampler": "random", "trials": 4})
+    command = [sys.executable, "-m", "search.cli", "run", str(path)]
+    worker = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.05)
+        if not (tmp_path / ".soupsearch" / "journal.log").exists():
+            continue
+        try:
+            trials = _study(tmp_path).get_trials(deepcopy=False)
+        except KeyError:
+            continue
+        # mid-trial: every parameter suggested (6: 3 filters x 2 anchors), the candidate being scored
+        running = [t for t in trials if t.state == TrialState.RUNNING and len(t.params) == 6]
+        if any(t.state == TrialState.COMPLETE for t in trials) and running:
+            os.kill(worker.pid, signal.SIGKILL)
+            killed = running[0]
+    worker.wait()
+    assert killed is not None, "the run ended before it could be killed mid-trial"
+    assert _study(tmp_path).get_trials(deepcopy=False)[killed.number].state == TrialState.RUNNING
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trials = _study(tmp_path).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(complete) == 4
+    assert [t.number for t in failed] == [killed.number]
+    assert "interrupted" in failed[0].system_attrs["fail_reason"]
+    retry = [t for t in complete if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1
+    assert retry[0].params == killed.params == failed[0].params and retry[0].user_attrs["seed"] == killed.user_attrs["seed"]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no duplicate trial
+    client, runs = _runs(tmp_path)
+    states = {int(r.data.tags["soupsearch.trial"]): r.info.status for r in runs if "soupsearch.trial" in r.data.tags}
+    assert states.pop(killed.number) == "FAILED"
+    assert sorted(states) == sorted(t.number for t in complete) and set(states.values()) == {"FINISHED"}
+
+
+def test_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(pico_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # weights past float32's range make the normalized linear merge inf/inf = NaN: the candidate fails
+    path = write_experiment(tmp_path, space={"linear": {"weight": {"low": 0, "high": 1e39}}},
+                            warm_starts=[{"linear/weight/general": 1, "linear/weight/math": 1},
+                                         {"linear/weight/general": 1e39, "linear/weight/math": 1e39},
+                                         {"linear/weight/general": 1, "linear/weight/math": 3}],
+                            study={"trials": 2})
+    assert main(["run", str(path)]) == 0
+    assert "2 complete, 1 fail" in capsys.readouterr().out
+    trials = _study(tmp_path).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "non-finite weights" in trials[1].user_attrs["fail_reason"]
+    client, runs = _runs(tmp_path)
+    failed = [r for r in runs if r.data.tags.get("soupsearch.trial") == "1"]
+    assert failed[0].info.status == "FAILED" and "non-finite" in failed[0].data.tags["soupsearch.fail_reason"]
+
+
+def test_bad_storage_or_tracking_uri_exits_2_and_writes_nothing(pico_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path)
+    assert main(["run", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/mlflow.db"]) == 2
+    assert "no/such/dir" in capsys.readouterr().err
+    assert main(["run", str(path), "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    assert "postgresql://nobody@127.0.0.1:1/none" in capsys.readouterr().err
+    assert not (tmp_path / ".soupsearch").exists()
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("pico-slerp") is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
+    import json
+    import urllib.request
+
+    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32]},
+                            study={"sampler": "random", "trials": 1})
+    command = [sys.executable, "-m", "search.cli"]
+    subprocess.run([*command, "run", str(path)], cwd=tmp_path, env=ENV, check=True, capture_output=True)
+    # two workers started together on the study that `run` created
+    workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "9"], cwd=tmp_path, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait() == 0, worker.stderr.read()[-2000:]
+    complete = _study(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert 9 <= len(complete) <= 10  # each stops at 9; both may finish the last one at once
+    assert len({t.user_attrs["owner"] for t in complete}) == 3
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete)
+
+    port = _free_port()
+    dashboard = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--port", str(port)],
+                                 cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline, found = time.monotonic() + 90, None
+        while found is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=pico-slerp") as answer:
+                    found = json.load(answer)["experiment"]["experiment_id"]
+            except OSError:
+                time.sleep(0.5)
+        request = urllib.request.Request(f"{api}/runs/search", data=json.dumps({"experiment_ids": [found]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as answer:
+            runs = json.load(answer)["runs"]
+    finally:
+        os.killpg(dashboard.pid, signal.SIGTERM)
+        dashboard.wait()
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r["info"]["run_id"] for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
+    assert len(parents) == 1
+    assert sum(t.get("mlflow.parentRunId") == parents[0] for t in tags) == len(complete)
+
+
+def test_same_seed_gives_the_same_study_and_dare_export_reproduces_it(pico_zoo, tmp_path, monkeypatch):
+    dare = {"models": {"base": "zoo:pico/base", "add": "zoo:pico/specialist-addition",
+                       "sub": "zoo:pico/specialist-subtraction"}, "base_model": "base", "warm_starts": [],
+            "space": {"dare_ties": {"density": {"low": 0.2, "high": 0.8}, "weight": {"low": 0.2, "high": 1.0}}},
+            "evaluation": {"tasks": ["tiny_addition"], "fidelity": [8], "select_limit": 8, "test_limit": 8},
+            "study": {"sampler": "tpe", "trials": 2, "select_top": 2}}
+    results = []
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        path = write_experiment(folder, **dare)
+        assert main(["run", str(path), "--seed", "7"]) == 0
+        results.append([(t.params, t.value, t.user_attrs["seed"]) for t in _study(folder).trials])
+    assert results[0] == results[1]
+    assert main(["export", str(path), "--out", str(tmp_path / "b" / "export")]) == 0
+    scores = yaml.safe_load((tmp_path / "b" / "export" / "scores.json").read_text())
+    # DARE draws random masks: the export rebuilt them from the trial's seed and matched its search score
+    assert scores["search_objective_reproduced"] == _study(tmp_path / "b").trials[scores["trial"]].value
