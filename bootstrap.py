@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up a virtual environment from the project's own files, then run the main job or the tests.
 
-    python3 bootstrap.py run    # install, then run the main job on the embedded default (tiny zoo)
+    python3 bootstrap.py run    # install, then search and export experiments/tiny_slerp.yaml (tiny zoo)
     python3 bootstrap.py test   # install, then run the whole test suite (what .ci/run runs)
 
 Needs only Python >= 3.10 and pip. On a machine without an NVIDIA GPU the CPU build of torch is
@@ -51,10 +51,9 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     soupsearch = VENV / "bin" / "soupsearch"
     try:
-        if job == "run":
-            sh(soupsearch, "zoo", "build")
-            sh(soupsearch, "zoo", "report", "--out", "docs/zoo.md")
-            print((ROOT / "docs" / "zoo.md").read_text())
+        if job == "run":  # builds the tiny zoo on first use, searches, then exports the winner
+            sh(soupsearch, "run", "experiments/tiny_slerp.yaml")
+            sh(soupsearch, "export", "experiments/tiny_slerp.yaml", "--out", "exports/tiny-slerp")
         else:
             sh(python, "-m", "pytest", *sys.argv[2:])
     except subprocess.CalledProcessError as failure:

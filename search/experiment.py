@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evals.objectives import Objective
 from evals.spec import TaskSpec
 
-SAMPLERS = ("tpe", "cmaes", "random", "grid", "nsga2")
-PRUNERS = ("none", "successive_halving", "hyperband", "wilcoxon")
 T_FILTERS = ("self_attn", "mlp", "rest")  # mergekit filters; "rest" is the catch-all entry
 
 
@@ -73,6 +71,8 @@ class TaskVectorSpace(_Strict):
     density: Searched | None = None
     lambda_: Searched | None = Field(default=None, alias="lambda")
     normalize: bool | None = None  # None keeps mergekit's per-method default
+    anchors: int = Field(default=1, ge=1, le=16, description="searched weight/density values per parent across "
+                         "the layers (a mergekit gradient): per layer group; 1 is one value per parent")
 
     @model_validator(mode="after")
     def _density_in_range(self) -> TaskVectorSpace:

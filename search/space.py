@@ -16,9 +16,15 @@ from search.experiment import TASK_VECTOR_METHODS, Experiment, ExperimentError, 
 Params = Mapping[str, object]
 
 
-def _searched(name: str, value: Searched | None, space: dict[str, BaseDistribution]) -> None:
+def _anchor_names(name: str, anchors: int) -> list[str]:
+    """One name for a plain value; ``name/I`` for each anchor of a gradient across the layers."""
+    return [name] if anchors == 1 else [f"{name}/{i}" for i in range(anchors)]
+
+
+def _searched(name: str, value: Searched | None, space: dict[str, BaseDistribution], anchors: int = 1) -> None:
     if isinstance(value, Range):
-        space[name] = FloatDistribution(value.low, value.high, log=value.log)
+        for anchor in _anchor_names(name, anchors):
+            space[anchor] = FloatDistribution(value.low, value.high, log=value.log)
 
 
 def method_space(experiment: Experiment, method: str) -> dict[str, BaseDistribution]:
@@ -34,8 +40,8 @@ def method_space(experiment: Experiment, method: str) -> dict[str, BaseDistribut
             _searched(f"linear/weight/{alias}", section.weight, space)
     else:
         for alias in _task_vector_models(experiment):
-            _searched(f"{method}/weight/{alias}", section.weight, space)
-            _searched(f"{method}/density/{alias}", section.density, space)
+            _searched(f"{method}/weight/{alias}", section.weight, space, section.anchors)
+            _searched(f"{method}/density/{alias}", section.density, space, section.anchors)
         _searched(f"{method}/lambda", section.lambda_, space)
     return space
 
@@ -95,9 +101,13 @@ def _task_vector_models(experiment: Experiment) -> list[str]:
     return [alias for alias in experiment.models if alias != experiment.base_model]
 
 
-def _fixed(section, field: str, name: str, params: Params):
+def _fixed(section, field: str, name: str, params: Params, anchors: int = 1):
+    """A held value as is; a searched one from ``params``, as a mergekit gradient if it has anchors."""
     value = getattr(section, field)
-    return params[name] if isinstance(value, Range) else value
+    if not isinstance(value, Range):
+        return value
+    values = [params[anchor] for anchor in _anchor_names(name, anchors)]
+    return values if anchors > 1 else values[0]
 
 
 def to_config(experiment: Experiment, params: Params, refs: Mapping[str, str]) -> dict:
@@ -121,9 +131,10 @@ def to_config(experiment: Experiment, params: Params, refs: Mapping[str, str]) -
         assert method in TASK_VECTOR_METHODS
         models = []
         for alias in _task_vector_models(experiment):
-            per_model = {"weight": _fixed(section, "weight", f"{method}/weight/{alias}", params)}
+            per_model = {"weight": _fixed(section, "weight", f"{method}/weight/{alias}", params, section.anchors)}
             if section.density is not None:
-                per_model["density"] = _fixed(section, "density", f"{method}/density/{alias}", params)
+                per_model["density"] = _fixed(section, "density", f"{method}/density/{alias}", params,
+                                              section.anchors)
             models.append({"model": refs[alias], "parameters": per_model})
         config |= {"base_model": base, "models": models, "parameters": {}}
         if section.lambda_ is not None:

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 import yaml
 from optuna.trial import TrialState
 
 from merge_core import MergeInputError
-from search.experiment import Experiment, ExperimentError
+from search.experiment import Experiment
 from search.space import expand_warm_start, grid, suggest, to_config
 from search.tracking import Tracker
 from search.workbench import Workbench
@@ -49,7 +50,7 @@ class Settings:
         return cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
 
 
-def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
+def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseStorage:
     """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
@@ -59,6 +60,8 @@ def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
             return RDBStorage(spec, heartbeat_interval=60,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
         path = Path(spec) if spec else DEFAULT_JOURNAL
+        if not create and not path.is_file():
+            raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
@@ -82,7 +85,7 @@ def _pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
 
 
 def open_study(experiment: Experiment, settings: Settings, create: bool = True) -> optuna.Study:
-    storage = open_storage(settings.storage)
+    storage = open_storage(settings.storage, create)
     tasks = experiment.evaluation.task_names
     directions = ["maximize"] * (len(tasks) if experiment.study.sampler == "nsga2" else 1)
     if not create:
@@ -177,8 +180,8 @@ class Objective:
         self.tracker.log(run, params=params | {"seed": seed}, texts={"config.yaml": config_yaml})
         try:
             report = self.bench.build(config, seed)
-        except MergeInputError as problem:
-            raise TrialFailed(f"merge failed: {problem}") from None
+        except (MergeInputError, torch.OutOfMemoryError) as problem:
+            raise TrialFailed(f"merge failed: {type(problem).__name__}: {problem}") from None
         merge_s = report.seconds
         objective = self.experiment.evaluation.weights
         eval_s, reported = 0.0, set()
@@ -249,7 +252,7 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
         bar = tqdm(total=settings.trials, initial=done, desc="trials", unit="trial", dynamic_ncols=True)
 
         def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if len(study.directions) == 1 and any(t.state == TrialState.COMPLETE for t in study.trials):
+            if len(study.directions) == 1 and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
             if trial.state in FINISHED:
                 bar.update(1)

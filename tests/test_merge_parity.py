@@ -37,7 +37,12 @@ def build_both(name: str, zoo: Path, tmp: Path, config: dict | None = None) -> t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([str(MERGEKIT_YAML), str(config_file), str(theirs)], check=True, env=env,
                    capture_output=True)
-    assert main(["merge", str(config_file), str(ours), "--device", "cpu"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same summation order as mergekit-yaml above (iterative karcher)
+    try:
+        assert main(["merge", str(config_file), str(ours), "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return theirs, ours
 
 

@@ -6,7 +6,7 @@ import yaml
 from merge_core import Engine, Parents
 from merge_core.config import load_config
 from search.cli import main
-from search.experiment import Experiment, ExperimentError, load_experiment
+from search.experiment import Experiment, load_experiment
 from search.space import expand_warm_start, full_space, to_config
 from tests.search_helpers import PICO_SLERP, write_experiment
 
@@ -101,3 +101,39 @@ def test_method_choice_gives_conditional_valid_configs(pico_zoo):
     assert linear["parameters"] == {"normalize": True} and len(linear["models"]) == 3
     for config in (negated, dare, linear):
         engine.plan(yaml.safe_load(yaml.safe_dump(config)))  # round-trips through YAML and plans
+
+
+def test_validate_load_plans_against_weights_and_rejects_unmergeable_parents(pico_zoo, tmp_path, capsys):
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ok = write_experiment(tmp_path)
+    assert main(["validate", str(ok), "--load"]) == 0
+    assert "planned against the parents' weights" in capsys.readouterr().out
+    config = AutoConfig.from_pretrained(pico_zoo / "general")
+    config.intermediate_size *= 2  # same architecture, other MLP shapes: no merge is possible
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wider")
+    assert json.loads((tmp_path / "wider" / "config.json").read_text())["intermediate_size"] == config.intermediate_size
+    wider = write_experiment(tmp_path, name="wider.yaml",
+                             models={"general": "zoo:pico/general", "math": str(tmp_path / "wider")})
+    assert main(["validate", str(wider)]) == 0  # shapes are only known once the weights are opened
+    assert main(["validate", str(wider), "--load"]) == 2
+    assert "mlp" in capsys.readouterr().err
+
+
+def test_per_layer_group_density_is_a_gradient_mergekit_interpolates(pico_zoo):
+    experiment = Experiment.model_validate({**TV, "space": {"ties": {"density": {"low": 0.1, "high": 1.0},
+                                                                     "weight": 1.0, "anchors": 2}}})
+    assert [n for n in full_space(experiment)] == ["ties/density/add/0", "ties/density/add/1",
+                                                    "ties/density/sub/0", "ties/density/sub/1"]
+    refs = {alias: str(pico_zoo / ref.split("/")[1]) for alias, ref in TV["models"].items()}
+    params = {"ties/density/add/0": 0.2, "ties/density/add/1": 0.6, "ties/density/sub/0": 0.3,
+              "ties/density/sub/1": 0.9}
+    config = to_config(experiment, params, refs)
+    assert config["models"][0]["parameters"] == {"weight": 1.0, "density": [0.2, 0.6]}
+    plan = Engine(Parents.open(refs.values())).plan(config)
+    density = {job.name: job.per_input["density"] for job in plan.jobs}
+    # pico's 2 layers sit at t = 0 and t = 1: layer 0 takes the first anchor, layer 1 the last
+    assert density["model.layers.0.mlp.up_proj.weight"][refs["add"]] == pytest.approx(0.2)
+    assert density["model.layers.1.mlp.up_proj.weight"][refs["sub"]] == pytest.approx(0.9)

@@ -41,6 +41,8 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
     path = write_experiment(tmp_path)
     assert main(["run", str(path), "--trials", "3"]) == 0
     assert "study pico-slerp: 3 complete" in capsys.readouterr().out
+    assert main(["status", str(path)]) == 0
+    assert "study pico-slerp: 3 complete" in capsys.readouterr().out
     study = _study(tmp_path)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 3
