@@ -283,6 +283,9 @@ class Evaluator:
         self.batch_size = None if batch_size == "auto" else int(batch_size)
         self.lm.batch_size_per_gpu = self.batch_size or 1
         self._clock = _ModelClock(self.lm)
+        for name in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+            # one bar per request batch floods the caller's own progress bar (trial x/N)
+            setattr(self.lm, name, functools.partial(getattr(self.lm, name), disable_tqdm=True))
         self.tasks = load_tasks(specs)
         self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
         self.splits: dict[str, ItemSplits] = {
