@@ -53,6 +53,8 @@ def main() -> int:
     try:
         if job == "run":  # builds the tiny zoo on first use, searches, then exports the winner
             sh(soupsearch, "run", "experiments/tiny_slerp.yaml")
+            # a rerun resumes the finished study, so the winner and its export are the same again
+            shutil.rmtree(ROOT / "exports" / "tiny-slerp", ignore_errors=True)
             sh(soupsearch, "export", "experiments/tiny_slerp.yaml", "--out", "exports/tiny-slerp")
         else:
             sh(python, "-m", "pytest", *sys.argv[2:])
