@@ -98,11 +98,18 @@ def _eval_specs(args: argparse.Namespace) -> list:
         raise BadInput(f"--tasks {args.tasks}: {problem}") from None
 
 
+def _device(requested: str | None) -> str:
+    from search.experiment import ExperimentError, pick_device
+
+    try:
+        return pick_device(requested or "auto")
+    except ExperimentError as problem:
+        raise BadInput(f"--{problem}") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
     import logging
-
-    import torch
 
     from evals.harness import Evaluator, TaskError, load_model
 
@@ -111,8 +118,8 @@ def _eval(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise BadInput(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    device = _device(args.device)
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         evaluator = Evaluator(*load_model(model_dir, device), specs)
     except TaskError as problem:
         raise BadInput(str(problem)) from None
@@ -151,13 +158,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
-
     from merge_core import MergeInputError, merge_to_folder
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available")
+    device = _device(args.device)
     try:
         report = merge_to_folder(args.config, args.out_dir, device=device)
     except MergeInputError as problem:

@@ -22,6 +22,17 @@ class ExperimentError(ValueError):
     """An experiment file that cannot be used; the message names the file and the key."""
 
 
+def pick_device(requested: str) -> str:
+    """`auto` -> cuda when present, else cpu; asking for cuda without one is an ExperimentError."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ExperimentError("device cuda: no CUDA device is available")
+    return requested
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

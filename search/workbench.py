@@ -7,17 +7,7 @@ from collections.abc import Mapping
 
 from evals.harness import EvalResult, Evaluator
 from merge_core import BuildReport, Engine, Parents
-from search.experiment import Experiment, ExperimentError, resolve_model
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ExperimentError("device cuda: no CUDA device is available")
-    return requested
+from search.experiment import Experiment, pick_device, resolve_model
 
 
 class Workbench:
