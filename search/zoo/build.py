@@ -118,7 +118,7 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     corpus = mixture(streams(-1), {t: 1.0 for t in TASKS}, recipe.seed, format_document)
     tokenizer = train_tokenizer(itertools.islice(corpus, recipe.tokenizer_documents), recipe.vocab_size)
 
-    total = recipe.base.steps + len(TASKS) * recipe.specialist.steps + sum(s.steps for s in recipe.ingredients)
+    total = recipe.base.steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
 
     def fit(label: str, model, documents, schedule):
@@ -142,7 +142,7 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     specialists = {}
     for i, task in enumerate(TASKS, start=1):
         name = f"specialist-{task.removeprefix('tiny_')}"
-        specialists[task] = fine_tune(name, task, i, recipe.specialist)
+        specialists[task] = fine_tune(name, task, i, recipe.specialist_schedule(task))
         save(name, specialists[task])
 
     save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))

@@ -7,6 +7,7 @@ swapped in place. Merge coefficients are chosen on the select split; test is onl
 from __future__ import annotations
 
 import datetime
+import itertools
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from evals.harness import Evaluator, TaskScore, load_model
 from search.zoo.build import open_zoo
 from search.zoo.recipe import RECIPES, TASKS, WORD_PROBLEMS
 
-MERGE_PAIR = ("tiny_multiplication", "tiny_gsm8k")
-MERGE_GRID = {  # method -> the parameter settings tried on the select split
-    "task_arithmetic": [{"lambda": x} for x in (0.5, 0.6, 0.7, 0.8)],
-    "ties": [{"lambda": 1.0, "density": d} for d in (0.3, 0.6)],
+# Each arithmetic specialist that transfers to word problems, merged with the word-problem one.
+MERGE_PAIRS = (("tiny_addition", "tiny_gsm8k"), ("tiny_subtraction", "tiny_gsm8k"))
+WEIGHTS = (0.4, 0.6, 0.8)  # each parent's task-vector weight; the grid is every (a, b) pair
+MERGE_GRID = {  # method -> the settings tried on the select split
+    "task_arithmetic": [{"weights": (a, b)} for a, b in itertools.product(WEIGHTS, repeat=2)],
+    "ties": [{"weights": (a, b), "density": 0.5} for a, b in itertools.product(WEIGHTS, repeat=2)],
 }
 
 
@@ -32,15 +35,22 @@ def _cell(score: TaskScore) -> str:
     return f"{100 * score.mean:.1f} [{100 * score.ci_low:.1f}, {100 * score.ci_high:.1f}]"
 
 
-def _merge_pair(method: str, parameters: dict, base: dict, a: dict, b: dict) -> dict:
+def _merge_pair(method: str, setting: dict, base: dict, a: dict, b: dict) -> dict:
     from mergekit.merge_methods.api import merge_state_dicts
 
+    wa, wb = setting["weights"]
+    extra = {"density": setting["density"], "normalize": False} if "density" in setting else {}
     return merge_state_dicts({"base": base, "a": a, "b": b}, method, base="base",
-                             parameters={"weight": 1.0, **parameters})
+                             parameters={"weight": {"base": 0.0, "a": wa, "b": wb}, **extra})
 
 
-def _settings(parameters: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in parameters.items())
+def _settings(setting: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def _grid(method: str) -> str:
+    extra = {k: v for k, v in MERGE_GRID[method][0].items() if k != "weights"}
+    return f"weights in {{{', '.join(map(str, WEIGHTS))}}}^2" + "".join(f", {k}={v}" for k, v in extra.items())
 
 
 def write_report(variant: str, out: Path, progress: bool = True) -> Path:
@@ -50,7 +60,7 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
     evaluator = Evaluator(model, tokenizer, TASKS)
     weights = {name: load_file(folder / name / "model.safetensors") for name in recipe.models}
     ingredients = [n for n in recipe.models if n.startswith("ingredient")]
-    bar = tqdm(total=len(weights) + len(ingredients) + sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID),
+    bar = tqdm(total=len(weights) + len(ingredients) + len(MERGE_PAIRS) * (sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID)),
                desc="zoo report",
                disable=not progress)
 
@@ -63,16 +73,7 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
     test = {name: score(state, "test") for name, state in weights.items()}
     ingredient_select = {n: score(weights[n], "select", [WORD_PROBLEMS])[WORD_PROBLEMS] for n in ingredients}
 
-    a_name, b_name = (f"specialist-{_short(t)}" for t in MERGE_PAIR)
-    merges = {}
-    for method, grid in MERGE_GRID.items():
-        tried = []
-        for parameters in grid:
-            state = _merge_pair(method, parameters, weights["base"], weights[a_name], weights[b_name])
-            select = score(state, "select", MERGE_PAIR)
-            tried.append((sum(select[t].mean for t in MERGE_PAIR) / 2, parameters, state))
-        _, best, state = max(tried, key=lambda row: row[0])
-        merges[method] = (best, score(state, "test", MERGE_PAIR))
+    merges = {pair: _best_merges(pair, weights, score) for pair in MERGE_PAIRS}
     bar.close()
 
     lines = [
@@ -103,22 +104,45 @@ def write_report(variant: str, out: Path, progress: bool = True) -> Path:
     lines += [f"| {n} | {_cell(s)} |" for n, s in ingredient_select.items()]
     lines += ["", f"Range: {100 * min(spread):.1f} to {100 * max(spread):.1f}.", ""]
 
-    pair = " + ".join(_short(t) for t in MERGE_PAIR)
-    lines += [f"## Two-specialist merges ({pair}), mean of the two tasks", "",
-              "The setting is chosen on the select split from the grid shown; the scores are on test.", "",
-              "| model | " + " | ".join(_short(t) for t in MERGE_PAIR) + " | mean | beats both parents |",
-              "|---|---|---|---|---|"]
-    parent_means = {n: sum(test[n][t].mean for t in MERGE_PAIR) / 2 for n in (a_name, b_name)}
-    for name in (a_name, b_name):
-        lines.append(f"| {name} | " + " | ".join(_cell(test[name][t]) for t in MERGE_PAIR)
-                     + f" | {100 * parent_means[name]:.1f} | |")
-    for method, (best, scores) in merges.items():
-        mean = sum(scores[t].mean for t in MERGE_PAIR) / 2
-        grid = "; ".join(_settings(p) for p in MERGE_GRID[method])
-        lines.append(f"| {method} {_settings(best)} (grid: {grid}) | " + " | ".join(_cell(scores[t]) for t in MERGE_PAIR)
-                     + f" | {100 * mean:.1f} | {'yes' if mean > max(parent_means.values()) else 'NO'} |")
+    lines += ["## Two-specialist merges, mean of the two tasks", "",
+              "Each parent's task vector gets its own weight from a small grid. The setting is chosen on the "
+              "select split; the scores are on test. A merge passes if its mean beats both parents' means.", ""]
+    for pair, best in merges.items():
+        lines += _merge_table(pair, best, test)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)
     return out
+
+
+def _best_merges(pair: tuple[str, str], weights: dict, score) -> dict:
+    """Method -> (setting chosen on select, its test scores), for one pair of specialists."""
+    a_name, b_name = (f"specialist-{_short(t)}" for t in pair)
+    merges = {}
+    for method, grid in MERGE_GRID.items():
+        tried = []
+        for setting in grid:
+            state = _merge_pair(method, setting, weights["base"], weights[a_name], weights[b_name])
+            select = score(state, "select", pair)
+            tried.append((sum(select[t].mean for t in pair) / 2, setting, state))
+        _, best, state = max(tried, key=lambda row: row[0])  # first best on ties: the grid order
+        merges[method] = (best, score(state, "test", pair))
+    return merges
+
+
+def _merge_table(pair: tuple[str, str], merges: dict, test: dict) -> list[str]:
+    names = [f"specialist-{_short(t)}" for t in pair]
+    lines = [f"### {' + '.join(_short(t) for t in pair)}", "",
+             "| model | " + " | ".join(_short(t) for t in pair) + " | mean | beats both parents |",
+             "|---|---|---|---|---|"]
+    parent_means = {n: sum(test[n][t].mean for t in pair) / 2 for n in names}
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_cell(test[name][t]) for t in pair)
+                     + f" | {100 * parent_means[name]:.1f} | |")
+    for method, (best, scores) in merges.items():
+        mean = sum(scores[t].mean for t in pair) / 2
+        lines.append(f"| {method} {_settings(best)} (grid: {_grid(method)}) | "
+                     + " | ".join(_cell(scores[t]) for t in pair)
+                     + f" | {100 * mean:.1f} | {'yes' if mean > max(parent_means.values()) else 'NO'} |")
+    return lines + [""]
