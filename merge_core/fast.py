@@ -15,8 +15,11 @@ seed give the same weights whatever order tensors are built in.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from mergekit import merge_methods
 from mergekit.sparsify import SparsificationMethod
@@ -27,6 +30,8 @@ from merge_core.planner import Source, TensorJob
 FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
 _RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's eps
+CPU_BLOCK = 1 << 17  # elements per fused block on the CPU: every model's block stays in cache
+DRAW_SEGMENT = 1 << 20  # DARE draws per generator on the CPU (part of what a seed means there)
 
 
 def tensor_seed(seed: int, *names: str) -> int:
@@ -35,11 +40,61 @@ def tensor_seed(seed: int, *names: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def dare_keep(shape: Sequence[int], density: float, seed: int, job: TensorJob, model: str,
-              device: torch.device) -> torch.Tensor:
-    """Bernoulli(density) keep mask for one task vector, reproducible from (seed, tensor, model)."""
-    generator = torch.Generator(device).manual_seed(tensor_seed(seed, job.name, model))
-    return torch.rand(tuple(shape), generator=generator, device=device) < density
+def dare_mask(shape: Sequence[int], density: float, seed: int, job: TensorJob, model: str,
+              device: torch.device, out: torch.Tensor | None = None, scratch: Scratch | None = None
+              ) -> torch.Tensor:
+    """Bernoulli(density) mask (1 keep, 0 drop) for one task vector, from (seed, tensor, model).
+
+    ``out`` is a reused flat buffer in the work dtype: fresh multi-MB tensors cost more in page
+    faults than the draws do. On a GPU the draws are one torch.rand stream. On the CPU, where
+    torch.rand (~3 ns an element, serial) was most of a DARE build, an element is kept when a
+    uniform 32-bit integer is below floor(density * 2^32), which is Bernoulli(density) to 2^-32.
+    The integer is compared one byte first and its low 24 bits are drawn only for the 1/256 of
+    elements whose first byte ties. Draws come in fixed segments, each from its own SFC64 stream
+    seeded by (seed, tensor, model, segment), so they run on every core in any order.
+    """
+    numel = math.prod(shape)
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+    if device.type != "cpu":
+        generator = torch.Generator(device).manual_seed(tensor_seed(seed, job.name, model))
+        torch.rand(out.shape, generator=generator, device=device, dtype=out.dtype, out=out)
+        return torch.lt(out, density, out=out).reshape(tuple(shape))
+    threshold = min(max(int(density * 2**32), 0), 2**32)
+    high, low = threshold >> 24, threshold & 0xFFFFFF
+    first = torch.empty(numel, dtype=torch.uint8) if scratch is None else scratch.get("first-bytes", numel, torch.uint8)
+
+    def draw(start: int) -> np.ndarray:
+        """The segment's first bytes, and where a tied first byte is kept. numpy only: a torch op
+        on a pool thread would start another OpenMP team that spins against the main one."""
+        segment = first[start:start + DRAW_SEGMENT].numpy()
+        bits = np.random.SFC64(tensor_seed(seed, job.name, model, str(start)))
+        segment[:] = bits.random_raw(-(-segment.size // 8)).view(np.uint8)[: segment.size]
+        tied = np.flatnonzero(segment == high)
+        return start + tied[(bits.random_raw(tied.size) & 0xFFFFFF) < low]
+
+    kept_ties = np.concatenate(list(_pool().map(draw, range(0, numel, DRAW_SEGMENT))))
+    torch.lt(first, high, out=out)
+    out[torch.from_numpy(kept_ties)] = 1
+    return out.reshape(tuple(shape))
+
+
+class Scratch:
+    """Grow-only flat buffers, one per slot, reused from tensor to tensor and trial to trial."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: Hashable, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,10 +107,11 @@ class StudyCache:
     def __init__(self, parents: Parents) -> None:
         self.parents = parents
         self.values: dict[tuple, torch.Tensor] = {}
+        self.scratch = Scratch(parents.device)
 
     @property
     def nbytes(self) -> int:
-        return sum(value.numel() * value.element_size() for value in self.values.values())
+        return self.scratch.nbytes + sum(value.numel() * value.element_size() for value in self.values.values())
 
     def _get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self.values:
@@ -141,67 +197,132 @@ def slerp(job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, out: to
 
 def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.Tensor],
                            cache: StudyCache, seed: int, out: torch.Tensor) -> None:
-    """mergekit's GeneralizedTaskArithmeticMerge: base + lambda * sum(m_i w_i tau'_i) [/ sum(m_i w_i)]."""
+    """mergekit's GeneralizedTaskArithmeticMerge: base + lambda * sum(m_i w_i tau'_i) [/ sum(m_i w_i)].
+
+    The same ops as mergekit's, in the same order, but on the CPU one block of elements at a
+    time: every intermediate stays in cache and reuses one scratch buffer, where mergekit makes
+    several [n_models, *shape] temporaries per tensor. Only a rescale's L1 sum needs the whole
+    tensor, and it is taken over the whole tensor, as mergekit takes it.
+    """
     method = merge_methods.get(method_name)
     base = inputs[job.base]
     others = [i for i in range(len(inputs)) if i != job.base]
     if not others:
         _store(base, out)
         return
-    deltas = base.new_empty((len(others), *base.shape))
-    for row, index in enumerate(others):
-        source = job.sources[index]
-        tau = cache.task_vector(job.sources[job.base], source, base, inputs[index])
-        deltas[row] = _sparsify(job, method.sparsification_method, tau, cache, index, seed)
+    parts = [_Sparsified(job, method.sparsification_method, cache, index, seed,
+                         cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]))
+             for index in others]
     weights = torch.tensor([job.per_input["weight"][job.sources[i].model] for i in others],
-                           dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    deltas.mul_(weights)
-    normalize = job.shared["normalize"]
-    if method.consensus_method:
-        # keep d_i whose sign is the majority's (sign of the sum, ties to +); the dropped ones
-        # add exact zeros in mergekit's sum, so clamping gives the same sums in fewer passes
-        positive = deltas.sum(dim=0) >= 0
-        mixed = torch.where(positive, deltas.clamp(min=0).sum(dim=0), deltas.clamp(max=0).sum(dim=0))
+                           dtype=base.dtype, device=base.device).unsqueeze(1)
+    consensus, normalize, scale = method.consensus_method, job.shared["normalize"], job.shared["lambda"]
+    flat_base = base.reshape(-1)
+    direct = out.dtype == base.dtype and out.is_contiguous()
+    flat_out = out.view(-1) if direct else torch.empty_like(flat_base)
+    numel = flat_base.numel()
+    block = numel if base.device.type != "cpu" else min(numel, CPU_BLOCK)
+    scratch = base.new_empty((len(parts), block))
+    agree_scratch, sign_scratch = torch.empty_like(scratch), scratch.new_empty(block)
+    for start in range(0, numel, block):
+        span = slice(start, min(numel, start + block))
+        deltas = scratch[:, : span.stop - span.start]
+        for row, part in enumerate(parts):
+            part.write(span, deltas[row])
+        deltas.mul_(weights)
+        if consensus:
+            # mergekit's sign consensus: keep d_i whose sign is the majority's (the sign of the
+            # sum, ties to +), as a float 1/0 mask: d_i * s > 0 exactly when sign(d_i) == s
+            sign = torch.ge(deltas.sum(dim=0), 0, out=sign_scratch[: deltas.shape[1]]).mul_(2).sub_(1)
+            agree = torch.mul(deltas, sign, out=agree_scratch[:, : deltas.shape[1]])
+            torch.gt(agree, 0, out=agree)
+            mixed = deltas.mul_(agree).sum(dim=0)
+            if normalize:
+                divisor = (weights * agree).sum(dim=0)
+                divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            if normalize:
+                divisor = weights.sum(dim=0)
+                divisor[divisor.abs() < 1e-8] = 1
         if normalize:
-            divisor = (weights * torch.where(positive, deltas > 0, deltas < 0)).sum(dim=0)
-            divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        if normalize:
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if job.shared["lambda"] != 1:
-        mixed *= job.shared["lambda"]
-    if out.dtype == base.dtype:
-        torch.add(base, mixed, out=out)
-    else:
-        out.copy_(base + mixed)
+            mixed /= divisor
+        if scale != 1:
+            mixed *= scale
+        torch.add(flat_base[span], mixed, out=flat_out[span])
+    if not direct:
+        out.copy_(flat_out.reshape(out.shape))
 
 
-def _sparsify(job: TensorJob, kind: SparsificationMethod | None, tau: torch.Tensor,
-              cache: StudyCache, index: int, seed: int) -> torch.Tensor:
-    source, base = job.sources[index], job.sources[job.base]
-    density = job.per_input["density"][source.model]
-    if kind is None or density >= 1:
-        return tau
-    rescale = job.shared["rescale"]
-    if kind == SparsificationMethod.magnitude:
-        if density <= 0 or tau.numel() == 0:
-            return torch.zeros_like(tau)
-        keep = cache.magnitude_rank(base, source, tau) < max(1, int(density * tau.numel()))
-        work = tau
-    else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
-        keep = dare_keep(tau.shape, density, seed, job, source.model, tau.device)
-        work_dtype = tau.dtype if tau.device.type != "cpu" or tau.dtype == torch.bfloat16 else torch.float32
-        work = tau.to(work_dtype)
-    masked = work * keep
-    if rescale:
-        before, after = cache.l1(base, source, work), masked.abs().sum()
-        if not (before < _RESCALE_EPS or after < _RESCALE_EPS):
-            masked = masked * (before / after)
-    return masked.to(tau.dtype)
+class _Sparsified:
+    """One model's task vector after mergekit's sparsification, handed out block by block.
 
+    Masks are float 1/0 in the work dtype and are applied by multiplication, as mergekit applies
+    them (a float-by-bool product or ``torch.where`` is several times slower on the CPU).
+    Whatever needs the whole tensor (the DARE draws, a rescale's L1 sums) is computed here, once
+    per tensor, into reused scratch buffers; ``write`` is then one pass over a block.
+    """
+
+    def __init__(self, job: TensorJob, kind: SparsificationMethod | None, cache: StudyCache,
+                 index: int, seed: int, tau: torch.Tensor) -> None:
+        source, base = job.sources[index], job.sources[job.base]
+        density = job.per_input["density"][source.model]
+        self.tau, numel = tau.reshape(-1), tau.numel()
+        self.mask: Callable[[slice], torch.Tensor] | None = None
+        self.masked: torch.Tensor | None = None  # tau * mask over the whole tensor, when rescaling
+        self.factor: torch.Tensor | None = None
+        self.zero = False
+        self.work_dtype = tau.dtype
+        if kind is None or density >= 1:
+            return
+        scratch = cache.scratch
+        if kind == SparsificationMethod.magnitude:
+            if density <= 0 or numel == 0:
+                self.zero = True
+                return
+            ranks, k = cache.magnitude_rank(base, source, tau).reshape(-1), max(1, int(density * numel))
+            if job.shared["rescale"]:
+                full = torch.lt(ranks, k, out=scratch.get(("mask", index), numel, tau.dtype))
+                self.mask = full.__getitem__
+            else:
+                block = scratch.get(("mask", index), min(numel, CPU_BLOCK), tau.dtype)
+                self.mask = lambda span: torch.lt(ranks[span], k, out=block[: span.stop - span.start])
+        else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
+            if tau.device.type == "cpu" and tau.dtype != torch.bfloat16:
+                self.work_dtype = torch.float32
+            out = scratch.get(("mask", index), numel, self.work_dtype)
+            full = dare_mask(tau.shape, density, seed, job, source.model, tau.device, out, scratch).reshape(-1)
+            self.mask = full.__getitem__
+        if job.shared["rescale"]:
+            work = self.tau.to(self.work_dtype)
+            self.masked = torch.mul(work, self.mask(slice(None)),
+                                    out=scratch.get(("masked", index), numel, self.work_dtype))
+            before = cache.l1(base, source, work)
+            after = torch.abs(self.masked, out=scratch.get(("abs", index), numel, self.work_dtype)).sum()
+            if not (before < _RESCALE_EPS or after < _RESCALE_EPS):  # mergekit's rescaled_masked_tensor
+                self.factor = before / after
+
+    def write(self, span: slice, row: torch.Tensor) -> None:
+        if self.zero:
+            row.zero_()
+        elif self.mask is None:
+            row.copy_(self.tau[span])
+        else:
+            target = row if self.work_dtype == row.dtype else torch.empty_like(row, dtype=self.work_dtype)
+            if self.masked is None:
+                torch.mul(self.tau[span].to(self.work_dtype), self.mask(span), out=target)
+            elif self.factor is None:
+                target.copy_(self.masked[span])
+            else:
+                torch.mul(self.masked[span], self.factor, out=target)
+            if target is not row:
+                row.copy_(target)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="dare-draws")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None

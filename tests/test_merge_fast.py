@@ -12,7 +12,8 @@ import torch
 
 from merge_configs import configs
 from merge_core import Engine, Parents
-from merge_core.fast import dare_keep
+from merge_core import fast
+from merge_core.fast import dare_mask
 from merge_core.parents import Parent
 
 FAST_CASES = ["linear", "linear_negative_unnormalized", "slerp_gradient", "task_arithmetic", "ties",
@@ -39,8 +40,15 @@ def build(parents: Parents, config: dict, fast: bool, seed: int = 0) -> dict[str
     return weights(engine)
 
 
+@pytest.fixture(params=[None, 1000], ids=["whole-tensors", "1000-element-blocks"])
+def block(request, monkeypatch):
+    """The CPU block size; pico tensors fit in one default block, so also split them."""
+    if request.param:
+        monkeypatch.setattr("merge_core.fast.CPU_BLOCK", request.param)
+
+
 @pytest.mark.parametrize("name", FAST_CASES)
-def test_fast_path_equals_mergekit_api_bit_for_bit(name, parents, pico_zoo):
+def test_fast_path_equals_mergekit_api_bit_for_bit(name, parents, pico_zoo, block):
     config = configs(pico_zoo)[name]
     ours, mergekit = build(parents, config, fast=True), build(parents, config, fast=False)
     for tensor, value in mergekit.items():
@@ -86,13 +94,13 @@ def test_ties_keeps_exactly_mergekits_top_k_under_ties(density, pico_zoo):
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pico_zoo):
+def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pico_zoo, block):
     config = configs(pico_zoo)[method]
     engine = Engine(parents)
     engine.build(config, seed=7)
     ours = weights(engine)
     plan = engine.plan(config)
-    masks = iter([dare_keep(job.shape, job.per_input["density"][source.model], 7, job, source.model,
+    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], 7, job, source.model,
                             torch.device("cpu"))
                   for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
 
@@ -118,3 +126,18 @@ def test_random_merges_depend_on_seed_not_on_order(method, fast, parents, pico_z
     assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in first.items())
     engine.build(plan, seed=4)
     assert not all(torch.equal(engine.candidate.tensors[k], v) for k, v in first.items())
+
+
+@pytest.mark.parametrize("density", [0.0, 77.5 / 256, 0.5, 0.9])
+def test_cpu_dare_mask_is_bernoulli_with_the_requested_density(density):
+    """77.5/256 has a first byte of 77 and keeps half of the ties: without the low-bit draws for
+    tied first bytes, the density would be 77/256, 8 standard deviations off at this size."""
+    job = dataclasses.make_dataclass("Job", ["name"])("model.layers.0.mlp.up_proj.weight")
+    numel = 4 * fast.DRAW_SEGMENT + 12345  # several segments and a ragged last one
+    mask = fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu"))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    sigma = (density * (1 - density) / numel) ** 0.5
+    assert abs(mask.mean().item() - density) <= 5 * sigma + 1e-9
+    assert torch.equal(mask, fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu")))
+    if 0 < density < 1:
+        assert not torch.equal(mask, fast.dare_mask((numel,), density, 6, job, "tuned", torch.device("cpu")))
