@@ -188,11 +188,25 @@ def slerp(job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, out: to
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear_branch, 1 - t, torch.sin((1 - t) * theta) / sin_theta).reshape(())
     coef_b = torch.where(linear_branch, t, torch.sin(t * theta) / sin_theta).reshape(())
-    result = out if out.dtype == dtype == v0.dtype else torch.empty(v0.shape, dtype=dtype,
-                                                                    device=v0.device)
-    torch.mul(v0.to(dtype), coef_a, out=result)
-    result.add_(v1.to(dtype) * coef_b)
-    _store(result.to(v0.dtype), out)
+    direct = out.dtype == dtype == v0.dtype and out.is_contiguous()
+    result = out.view(-1) if direct else torch.empty(v0.numel(), dtype=dtype, device=v0.device)
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    spans = _spans(a)
+    term = cache.scratch.get("slerp-term", spans[0].stop, dtype)
+    for span in spans:  # mergekit's (s0 * v0) + (s1 * v1), one cache-sized block at a time
+        piece = term[: span.stop - span.start]
+        torch.mul(a[span].to(dtype), coef_a, out=result[span])
+        torch.mul(b[span].to(dtype), coef_b, out=piece)
+        result[span].add_(piece)
+    if not direct:
+        _store(result.reshape(v0.shape).to(v0.dtype), out)
+
+
+def _spans(flat: torch.Tensor) -> list[slice]:
+    """The blocks a fused pass walks: cache-sized on the CPU, the whole tensor on a GPU."""
+    numel = flat.numel()
+    block = max(1, numel if flat.device.type != "cpu" else min(numel, CPU_BLOCK))
+    return [slice(start, min(numel, start + block)) for start in range(0, max(numel, 1), block)]
 
 
 def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.Tensor],
@@ -219,12 +233,10 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
     flat_base = base.reshape(-1)
     direct = out.dtype == base.dtype and out.is_contiguous()
     flat_out = out.view(-1) if direct else torch.empty_like(flat_base)
-    numel = flat_base.numel()
-    block = numel if base.device.type != "cpu" else min(numel, CPU_BLOCK)
-    scratch = base.new_empty((len(parts), block))
-    agree_scratch, sign_scratch = torch.empty_like(scratch), scratch.new_empty(block)
-    for start in range(0, numel, block):
-        span = slice(start, min(numel, start + block))
+    spans = _spans(flat_base)
+    scratch = base.new_empty((len(parts), spans[0].stop))
+    agree_scratch, sign_scratch = torch.empty_like(scratch), scratch.new_empty(spans[0].stop)
+    for span in spans:
         deltas = scratch[:, : span.stop - span.start]
         for row, part in enumerate(parts):
             part.write(span, deltas[row])
