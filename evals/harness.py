@@ -112,6 +112,17 @@ class EvalResult(Mapping[str, TaskScore]):
             "tasks": {name: dataclasses.asdict(score) for name, score in self.scores.items()},
         }
 
+    def extended(self, more: EvalResult) -> EvalResult:
+        """This evaluation followed by ``more``, a later stretch of the same split's order: the
+        scores of the longer prefix, without scoring this one's items again."""
+        if not more.ok:
+            return more
+        scores = {name: dataclasses.replace(score, doc_ids=score.doc_ids + more.scores[name].doc_ids,
+                                            per_item=score.per_item + more.scores[name].per_item)
+                  if name in more.scores else score for name, score in self.scores.items()}
+        return EvalResult(self.split, scores, self.seconds + more.seconds,
+                          self.model_seconds + more.model_seconds, more.batch_size)
+
     def table(self) -> str:
         rows = [f"{'task':<24} {'metric':<28} {'split':<7} {'n':>5} {'mean':>7}  95% CI"]
         rows += [
@@ -350,8 +361,12 @@ class Evaluator:
         limit: int | None = None,
         tasks: Sequence[str] | None = None,
         fidelity: float | None = None,
+        skip: int = 0,
     ) -> EvalResult:
         """Each task's metric on one split's items (the first ``limit``, or a search ``fidelity``).
+
+        ``skip`` leaves out the first items of that prefix, those a lower fidelity rung scored
+        already; ``EvalResult.extended`` joins the two. Tasks with nothing left are not scored.
 
         An exception or a non-finite weight or score fails this evaluation only: the result holds
         the reason and the next call starts clean.
@@ -362,7 +377,8 @@ class Evaluator:
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise TaskError(f"task(s) {unknown} were not given to this Evaluator ({list(self.tasks)})")
-        ids = {name: self.item_ids(name, split, limit, fidelity) for name in names}
+        ids = {name: self.item_ids(name, split, limit, fidelity)[skip:] for name in names}
+        names = [name for name in names if ids[name]]
         requests = {name: self.built_requests(name, split, ids[name]) for name in names}
         if self.batch_size is None:
             self.batch_size = self._probe_batch_size([r for rs in requests.values() for r in rs])

@@ -125,12 +125,13 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker) -> list[int]:
         owner = trial.user_attrs.get("owner")
         if owner is None or not _owner_dead(owner):
             continue
-        # journal storage has no heartbeat, so no public call fails another process's trial
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"interrupted: {owner} ended mid-trial")
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        # journal storage has no heartbeat; tell() fails any RUNNING trial by number
+        study.tell(trial.number, state=TrialState.FAIL)
         if "mlflow_run_id" in trial.user_attrs:
+            tracker.tag(trial.user_attrs["mlflow_run_id"], "soupsearch.fail_reason", f"interrupted: {owner} ended mid-trial")
             tracker.end(trial.user_attrs["mlflow_run_id"], "FAILED")
-        study.enqueue_trial(trial.params, user_attrs={"seed": trial.user_attrs["seed"], "retry_of": trial.number})
+        study.enqueue_trial(trial.params, user_attrs={"seed": trial.user_attrs["seed"], "retry_of": trial.number,
+                                                      "retry_reason": f"interrupted: {owner} ended mid-trial"})
         retried.append(trial.number)
     return retried
 
@@ -184,13 +185,14 @@ class Objective:
             raise TrialFailed(f"merge failed: {type(problem).__name__}: {problem}") from None
         merge_s = report.seconds
         objective = self.experiment.evaluation.weights
-        eval_s, reported = 0.0, set()
+        eval_s, reported, result, scored = 0.0, set(), None, 0
         for rung in self.experiment.evaluation.fidelity:
-            result = self.bench.score("search", limit=rung)
-            eval_s += result.seconds
-            if not result.ok:
+            more = self.bench.score("search", limit=rung, skip=scored)  # only the items new at this rung
+            eval_s += more.seconds
+            if not more.ok:
                 self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
-                raise TrialFailed(f"evaluation failed at {rung} items: {result.error}")
+                raise TrialFailed(f"evaluation failed at {rung} items: {more.error}")
+            result, scored = more if result is None else result.extended(more), rung
             value = objective(result)
             self._report(trial, result, value, rung, reported)
             trial.set_user_attr("fidelity", rung)
@@ -273,14 +275,20 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
 def leaderboard(study: optuna.Study, top: int | None = None) -> list[dict]:
     """Finished and failed trials, best first (by the first objective)."""
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    for trial in (t for t in trials if t.state in (*FINISHED, TrialState.FAIL)):
+        note = trial.user_attrs.get("fail_reason", "")
+        if trial.number in retried:
+            retry = retried[trial.number]
+            note = f"{retry.user_attrs.get('retry_reason', 'interrupted')}; re-run as trial {retry.number}"
         rows.append({"trial": trial.number, "state": trial.state.name,
                      "value": trial.values[0] if trial.values else None,
                      "method": trial.params.get("method", ""),
                      "fidelity": trial.user_attrs.get("fidelity"),
                      "merge_s": trial.user_attrs.get("merge_s"), "eval_s": trial.user_attrs.get("eval_s"),
                      "seed": trial.user_attrs.get("seed"),
-                     "note": trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))})
+                     "note": note})
     rows.sort(key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e300)))
     return rows[:top]
 
@@ -298,7 +306,7 @@ def summary(study: optuna.Study, top: int = 10) -> str:
 
 
 def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
-    """On the parent run: the leaderboard, the best config and Optuna's plots (HTML: no kaleido for PNG)."""
+    """On the parent run: the leaderboard, the best config and Optuna's plots."""
     rows = leaderboard(study)
     tracker.client.log_table(parent, data={k: [r[k] for r in rows] for k in rows[0]} if rows else {},
                              artifact_file="leaderboard.json")
@@ -309,11 +317,29 @@ def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
         tracker.log(parent, metrics={"best/search_objective": best.value},
                     texts={"best_config.yaml": Path(config).read_text()})
         tracker.tag(parent, "soupsearch.best_trial", str(best.number))
-        from optuna import visualization
-
-        tracker.client.log_figure(parent, visualization.plot_optimization_history(study),
-                                  "plots/optimization_history.html")
-        if len(complete) > 1 and len(study.best_trial.params) > 1:
-            tracker.client.log_figure(parent, visualization.plot_param_importances(study),
-                                      "plots/param_importances.html")
+        _log_plots(tracker, parent, study, importances=len(complete) > 1 and len(best.params) > 1)
     tracker.end(parent)
+
+
+def _log_plots(tracker: Tracker, parent: str, study: optuna.Study, importances: bool) -> None:
+    """Optuna's plots as HTML (plotly) and PNG (Optuna's matplotlib backend, which needs no
+    browser: plotly's PNG export through kaleido needs Chrome)."""
+    import warnings
+
+    os.environ.setdefault("MPLBACKEND", "Agg")  # headless: workers and CI have no display
+    import matplotlib.pyplot as plt
+    from optuna import visualization
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as static
+
+    plots = {"optimization_history": (visualization.plot_optimization_history, static.plot_optimization_history)}
+    if importances:
+        plots["param_importances"] = (visualization.plot_param_importances, static.plot_param_importances)
+    for name, (interactive, still) in plots.items():
+        tracker.client.log_figure(parent, interactive(study), f"plots/{name}.html")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental"
+            figure = still(study).figure
+        figure.tight_layout()
+        tracker.client.log_figure(parent, figure, f"plots/{name}.png")
+        plt.close(figure)

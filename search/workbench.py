@@ -35,9 +35,10 @@ class Workbench:
                                         split_seed=evaluation.split_seed)
         return self._evaluator
 
-    def score(self, split: str, limit: int | None = None) -> EvalResult:
-        """The built candidate on ``split``; search limits are nested prefixes of a fixed order."""
+    def score(self, split: str, limit: int | None = None, skip: int = 0) -> EvalResult:
+        """The built candidate on ``split``; search limits are nested prefixes of a fixed order,
+        and ``skip`` leaves out the items a lower rung scored already."""
         if limit is None:
             limit = {"select": self.experiment.evaluation.select_limit,
                      "test": self.experiment.evaluation.test_limit}.get(split)
-        return self.evaluator.score(split, limit=limit)
+        return self.evaluator.score(split, limit=limit, skip=skip)

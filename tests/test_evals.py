@@ -116,6 +116,18 @@ def test_fidelity_levels_are_nested_item_by_item(addition):
         assert full[task].per_item[: len(half[task].per_item)] == half[task].per_item  # same prompts, same answers
 
 
+def test_a_higher_rung_scores_only_its_new_items(addition):
+    low = addition.score("search", limit=24)
+    more = addition.score("search", limit=60, skip=24)
+    joined, whole = low.extended(more), addition.score("search", limit=60)
+    for task in ARITHMETIC:
+        assert more[task].doc_ids == whole[task].doc_ids[24:]
+        assert joined[task].doc_ids == whole[task].doc_ids and joined[task].per_item == whole[task].per_item
+        assert (joined[task].mean, joined[task].ci_low, joined[task].ci_high) == \
+            (whole[task].mean, whole[task].ci_low, whole[task].ci_high)
+    assert joined.seconds == low.seconds + more.seconds
+
+
 def test_hub_task_splits_its_evaluation_split_disjointly_and_stably(pico_zoo, gsm8k_copy):
     model, tokenizer = load_model(pico_zoo / "base")
     spec = {"task": "gsm8k", "data_files": {k: str(v) for k, v in gsm8k_copy.items()}, "num_fewshot": 1}

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from merge_core.config import load_config
 from search.cli import main
+from search.study import leaderboard
 from tests.search_helpers import write_experiment
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -73,6 +74,11 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
     assert best == Path(client.download_artifacts(by_number[study.best_trial.number].info.run_id,
                                                   "config.yaml")).read_text()
     assert {"leaderboard.json", "plots"} <= {a.path for a in client.list_artifacts(parent)}
+    plots = {a.path: a.file_size for a in client.list_artifacts(parent, "plots")}
+    for name in ("optimization_history", "param_importances"):
+        assert plots[f"plots/{name}.html"] > 0
+        png = Path(client.download_artifacts(parent, f"plots/{name}.png")).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
 
     out = tmp_path / "export"
     assert main(["export", str(path), "--out", str(out)]) == 0
@@ -120,9 +126,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(complete) == 4
     assert [t.number for t in failed] == [killed.number]
-    assert "interrupted" in failed[0].system_attrs["fail_reason"]
     retry = [t for t in complete if t.user_attrs.get("retry_of") == killed.number]
     assert len(retry) == 1
+    assert "interrupted" in retry[0].user_attrs["retry_reason"]
+    note = {row["trial"]: row["note"] for row in leaderboard(_study(tmp_path))}[killed.number]
+    assert note.startswith("interrupted") and note.endswith(f"re-run as trial {retry[0].number}")
     assert retry[0].params == killed.params == failed[0].params and retry[0].user_attrs["seed"] == killed.user_attrs["seed"]
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no duplicate trial
     client, runs = _runs(tmp_path)
