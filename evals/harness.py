@@ -263,6 +263,33 @@ def _cache_jinja_templates() -> None:
         utils.env.from_string = functools.lru_cache(maxsize=1024)(utils.env.from_string)
 
 
+def _memoize_tokenization(lm) -> None:
+    """The prompts, so their tokens and their batches, are the same in every trial: encode each
+    once. lm-eval re-encodes every prompt to sort requests and again to batch them, per call."""
+    encode, batch_encode = lm.tok_encode, lm.tok_batch_encode
+
+    @functools.lru_cache(maxsize=None)
+    def encoded(string: str, add_special_tokens, left_truncate_len) -> tuple[int, ...]:
+        return tuple(encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len))
+
+    @functools.lru_cache(maxsize=4096)
+    def batch_encoded(strings: tuple[str, ...], padding_side, left_truncate_len, truncation):
+        return batch_encode(list(strings), padding_side=padding_side, left_truncate_len=left_truncate_len,
+                            truncation=truncation)
+
+    def tok_encode(string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
+        if kwargs:
+            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
+        return list(encoded(string, add_special_tokens, left_truncate_len))
+
+    def tok_batch_encode(strings: list[str], padding_side: str = "left", left_truncate_len=None,
+                         truncation: bool = False):
+        ids, mask = batch_encoded(tuple(strings), padding_side, left_truncate_len, truncation)
+        return ids.clone(), mask.clone()  # generate() may keep or move them; the cache stays intact
+
+    lm.tok_encode, lm.tok_batch_encode = tok_encode, tok_batch_encode
+
+
 def _serve(task, requests: list) -> None:
     """evaluate() rebuilds a task's prompts on every call; make it take the ones built once."""
     task.build_all_requests = lambda **_: setattr(task, "_instances", requests)
@@ -297,6 +324,7 @@ class Evaluator:
         for name in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
             # one bar per request batch floods the caller's own progress bar (trial x/N)
             setattr(self.lm, name, functools.partial(getattr(self.lm, name), disable_tqdm=True))
+        _memoize_tokenization(self.lm)
         self.tasks = load_tasks(specs)
         self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
         self.splits: dict[str, ItemSplits] = {
