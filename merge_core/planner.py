@@ -153,7 +153,7 @@ def _out_config(config: MergeConfiguration, arch, donor: PretrainedConfig,
     """mergekit's _model_out_config: the donor's config with dtype and per-module layer counts."""
     out = copy.deepcopy(donor)
     if config.out_dtype or config.dtype:
-        out.torch_dtype = config.out_dtype or config.dtype
+        out.dtype = config.out_dtype or config.dtype  # what mergekit sets as torch_dtype (an alias)
     for name, module in modules.items():
         key = arch.modules[name].architecture.num_layers_config_key()
         if key:

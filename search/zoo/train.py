@@ -50,7 +50,7 @@ def new_model(shape: Shape, tokenizer: PreTrainedTokenizerFast, seed: int) -> Mi
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     return MistralForCausalLM(config)
 
