@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import math
 import os
 import re
@@ -317,7 +318,13 @@ class Evaluator:
         chat = [name for name, spec in self.specs.items() if spec.chat_template]
         if chat and not getattr(tokenizer, "chat_template", None):
             raise TaskError(f"chat_template is on for {chat}, but the model's tokenizer has no chat template")
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_batch_size=max_batch_size)
+        hflm_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hflm_log.level
+        hflm_log.setLevel(logging.ERROR)  # its two warnings about a model object are what we intend
+        try:
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_batch_size=max_batch_size)
+        finally:
+            hflm_log.setLevel(level)
         self.batch_size = None if batch_size == "auto" else int(batch_size)
         self.lm.batch_size_per_gpu = self.batch_size or 1
         self._clock = _ModelClock(self.lm)
