@@ -291,6 +291,26 @@ def _memoize_tokenization(lm) -> None:
     lm.tok_encode, lm.tok_batch_encode = tok_encode, tok_batch_encode
 
 
+def _freeze_eval_docs(task) -> None:
+    """evaluate() walks all of a task's evaluation docs on every call, decoding each row of its
+    datasets table (and re-running ``process_docs``), and renders each doc's target through Jinja
+    twice: read the docs once, as a list, and render each of their targets once."""
+    docs = list(task.eval_docs)
+    setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
+    targets: dict[int, object] = {}
+    frozen = {id(doc) for doc in docs}  # these dicts live as long as the task: their ids are stable
+    render = task.doc_to_target
+
+    def doc_to_target(doc, *args, **kwargs):
+        if args or kwargs or id(doc) not in frozen:
+            return render(doc, *args, **kwargs)
+        if id(doc) not in targets:
+            targets[id(doc)] = render(doc)
+        return targets[id(doc)]
+
+    task.doc_to_target = doc_to_target
+
+
 def _serve(task, requests: list) -> None:
     """evaluate() rebuilds a task's prompts on every call; make it take the ones built once."""
     task.build_all_requests = lambda **_: setattr(task, "_instances", requests)
@@ -333,6 +353,8 @@ class Evaluator:
             setattr(self.lm, name, functools.partial(getattr(self.lm, name), disable_tqdm=True))
         _memoize_tokenization(self.lm)
         self.tasks = load_tasks(specs)
+        for task in self.tasks.values():
+            _freeze_eval_docs(task)
         self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
         self.splits: dict[str, ItemSplits] = {
             name: split_items(name, len(task.eval_docs), split_seed) for name, task in self.tasks.items()
