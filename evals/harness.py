@@ -12,6 +12,7 @@ and split, in the doc order lm-eval itself uses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -311,6 +312,20 @@ def _freeze_eval_docs(task) -> None:
     task.doc_to_target = doc_to_target
 
 
+@contextlib.contextmanager
+def _quiet_request_building() -> Iterator[None]:
+    """lm-eval draws a progress bar per task and split while it builds prompts (a fraction of a
+    second here, once): inside the caller's own bars it is noise, so build without it."""
+    import lm_eval.api.task as lm_task
+
+    bar = lm_task.tqdm
+    lm_task.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        lm_task.tqdm = bar
+
+
 def _serve(task, requests: list) -> None:
     """evaluate() rebuilds a task's prompts on every call; make it take the ones built once."""
     task.build_all_requests = lambda **_: setattr(task, "_instances", requests)
@@ -377,15 +392,16 @@ class Evaluator:
             task, spec = self.tasks[name], self.specs[name]
             ids = sorted(self.splits[name].ids(split))
             task.set_fewshot_seed(seed=FEWSHOT_SEED)  # the same few-shot draw as a fresh lm_eval run on this split
-            type(task).build_all_requests(
-                task,
-                samples=ids,
-                system_instruction=spec.system_instruction,
-                apply_chat_template=spec.chat_template,
-                fewshot_as_multiturn=spec.chat_template,
-                chat_template=self.lm.apply_chat_template if spec.chat_template else None,
-                tokenizer_name=self.lm.tokenizer_name if spec.chat_template else "",
-            )
+            with _quiet_request_building():
+                type(task).build_all_requests(
+                    task,
+                    samples=ids,
+                    system_instruction=spec.system_instruction,
+                    apply_chat_template=spec.chat_template,
+                    fewshot_as_multiturn=spec.chat_template,
+                    chat_template=self.lm.apply_chat_template if spec.chat_template else None,
+                    tokenizer_name=self.lm.tokenizer_name if spec.chat_template else "",
+                )
             by_doc = defaultdict(list)
             for instance in task.instances:
                 by_doc[ids[instance.doc_id]].append(instance)
