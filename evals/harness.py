@@ -376,6 +376,10 @@ class Evaluator:
         }
         self._prompts: dict[tuple[str, str], dict[int, list]] = {}
 
+    def use_batch_size(self, batch_size: int) -> None:
+        """Score with this batch size from now on (e.g. the one a study probed), without probing."""
+        self.batch_size = self.lm.batch_size_per_gpu = int(batch_size)
+
     def item_ids(self, task: str, split: str, limit: int | None = None, fidelity: float | None = None) -> list[int]:
         """The doc ids scored for ``split``: search in its fixed order (a fidelity is a prefix of it)."""
         if limit is not None and limit < 1:

@@ -85,8 +85,15 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
     text = yaml.safe_dump(config, sort_keys=False)
     plan = bench.engine.plan(config)
     bench.build(plan, chosen.user_attrs["seed"])
-    # the weights about to be written must reproduce the trial's own search score, item for item
-    search = bench.score("search", limit=chosen.user_attrs["fidelity"])
+    # the weights about to be written must reproduce the trial's own search score, item for item,
+    # scored rung by rung and in batches of the size the trial used, as other batches could flip
+    # a borderline item in low precision
+    if "batch_size" in chosen.user_attrs:
+        bench.evaluator.use_batch_size(chosen.user_attrs["batch_size"])
+    rungs = [r for r in experiment.evaluation.fidelity if r <= chosen.user_attrs["fidelity"]]
+    *_, (_, _, search) = bench.score_rungs(rungs)
+    if not search.ok:
+        raise RuntimeError(f"trial {chosen.number} failed on the search split: {search.error}")
     reproduced = [search[task].mean for task in objective.weights] if len(study.directions) > 1 else objective(search)
     if reproduced != (chosen.values if len(study.directions) > 1 else chosen.value):
         raise RuntimeError(f"trial {chosen.number}: the rebuilt merge scores {reproduced} on search, "

@@ -185,14 +185,13 @@ class Objective:
             raise TrialFailed(f"merge failed: {type(problem).__name__}: {problem}") from None
         merge_s = report.seconds
         objective = self.experiment.evaluation.weights
-        eval_s, reported, result, scored = 0.0, set(), None, 0
-        for rung in self.experiment.evaluation.fidelity:
-            more = self.bench.score("search", limit=rung, skip=scored)  # only the items new at this rung
+        eval_s, reported = 0.0, set()
+        for rung, more, result in self.bench.score_rungs(self.experiment.evaluation.fidelity):
             eval_s += more.seconds
             if not more.ok:
                 self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
                 raise TrialFailed(f"evaluation failed at {rung} items: {more.error}")
-            result, scored = more if result is None else result.extended(more), rung
+            trial.set_user_attr("batch_size", more.batch_size)
             value = objective(result)
             self._report(trial, result, value, rung, reported)
             trial.set_user_attr("fidelity", rung)

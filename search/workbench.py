@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from evals.harness import EvalResult, Evaluator
 from merge_core import BuildReport, Engine, Parents
@@ -42,3 +42,16 @@ class Workbench:
             limit = {"select": self.experiment.evaluation.select_limit,
                      "test": self.experiment.evaluation.test_limit}.get(split)
         return self.evaluator.score(split, limit=limit, skip=skip)
+
+    def score_rungs(self, rungs: Sequence[int]) -> Iterator[tuple[int, EvalResult, EvalResult]]:
+        """The search split rung by rung, each rung scoring only its new items: (rung, the new
+        items' result, the whole prefix's). Stops after a failed rung. Export re-scores a trial
+        through this too, so that it sees the very batches the trial saw."""
+        result, scored = None, 0
+        for rung in rungs:
+            more = self.score("search", limit=rung, skip=scored)
+            joined = more if result is None or not more.ok else result.extended(more)
+            yield rung, more, joined
+            if not more.ok:
+                return
+            result, scored = joined, rung

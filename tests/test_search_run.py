@@ -62,6 +62,7 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
         assert run.data.metrics[f"{key}/ci_low"] <= run.data.metrics[key] <= run.data.metrics[f"{key}/ci_high"]
         assert {"merge_s", "eval_s", "total_s", "fidelity"} <= set(run.data.metrics)
         assert run.data.params["seed"] == str(trial.user_attrs["seed"])
+        assert trial.user_attrs["batch_size"] >= 1  # what export re-scores the winner with
         config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
         assert config["parameters"]["t"][0]["value"] == [trial.params["slerp/t/self_attn/0"],
                                                          trial.params["slerp/t/self_attn/1"]]
