@@ -296,7 +296,7 @@ class _Sparsified:
                 full = torch.lt(ranks, k, out=scratch.get(("mask", index), numel, tau.dtype))
                 self.mask = full.__getitem__
             else:
-                block = scratch.get(("mask", index), min(numel, CPU_BLOCK), tau.dtype)
+                block = scratch.get(("mask", index), _spans(self.tau)[0].stop, tau.dtype)  # one block's worth
                 self.mask = lambda span: torch.lt(ranks[span], k, out=block[: span.stop - span.start])
         else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
             if tau.device.type == "cpu" and tau.dtype != torch.bfloat16:

@@ -40,11 +40,14 @@ def build(parents: Parents, config: dict, fast: bool, seed: int = 0) -> dict[str
     return weights(engine)
 
 
-@pytest.fixture(params=[None, 1000], ids=["whole-tensors", "1000-element-blocks"])
+@pytest.fixture(params=["default", "1000-element-blocks", "gpu-layout"])
 def block(request, monkeypatch):
-    """The CPU block size; pico tensors fit in one default block, so also split them."""
-    if request.param:
-        monkeypatch.setattr("merge_core.fast.CPU_BLOCK", request.param)
+    """Pico tensors fit in one default CPU block, so also split them; and walk whole tensors
+    however small the CPU block is, as the fast paths do on a GPU."""
+    if request.param != "default":
+        monkeypatch.setattr("merge_core.fast.CPU_BLOCK", 1000)
+    if request.param == "gpu-layout":
+        monkeypatch.setattr("merge_core.fast._spans", lambda flat: [slice(0, max(flat.numel(), 1))])
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
