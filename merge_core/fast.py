@@ -309,7 +309,7 @@ class _Sparsified:
             self.masked = torch.mul(work, self.mask(slice(None)),
                                     out=scratch.get(("masked", index), numel, self.work_dtype))
             before = cache.l1(base, source, work)
-            after = torch.abs(self.masked, out=scratch.get(("abs", index), numel, self.work_dtype)).sum()
+            after = torch.abs(self.masked, out=scratch.get("abs", numel, self.work_dtype)).sum()  # shared: used here only
             if not (before < _RESCALE_EPS or after < _RESCALE_EPS):  # mergekit's rescaled_masked_tensor
                 self.factor = before / after
 
