@@ -139,7 +139,7 @@ class StudyCache:
 
     def slerp_stats(self, base: Source, other: Source, v0: torch.Tensor, v1: torch.Tensor
                     ) -> torch.Tensor:
-        """[norm0, norm1, dot] computed exactly as mergekit's slerp does for one output tensor."""
+        """The clamped dot product of the normalized tensors, computed exactly as mergekit's slerp does."""
         def stats() -> torch.Tensor:
             dtype = _work_dtype(v0.dtype)
             a, b = v0.reshape(1, -1), v1.reshape(1, -1)
@@ -165,9 +165,11 @@ def linear(job: TensorJob, inputs: list[torch.Tensor], out: torch.Tensor) -> Non
     """mergekit linear: sum of w_i * x_i in fp32 (addcmul, in input order), / sum w if normalize."""
     first = inputs[0]
     dtype = _work_dtype(first.dtype)
-    weight = torch.tensor([[job.per_input["weight"][s.model] for s in job.sources]], dtype=dtype)
+    weight = torch.tensor([[job.per_input["weight"][s.model] for s in job.sources]], dtype=dtype,
+                          device=first.device)
     coefficient_shape = (1,) * first.ndim
-    result = out if out.dtype == dtype == first.dtype else torch.empty(first.shape, dtype=dtype)
+    result = out if out.dtype == dtype == first.dtype else torch.empty(first.shape, dtype=dtype,
+                                                                       device=first.device)
     result.zero_()
     for tensor, coefficient in zip(inputs, weight.unbind(1)):
         result.addcmul_(tensor, coefficient.reshape(coefficient_shape))
