@@ -191,7 +191,6 @@ class Objective:
             if not more.ok:
                 self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
                 raise TrialFailed(f"evaluation failed at {rung} items: {more.error}")
-            trial.set_user_attr("batch_size", more.batch_size)
             value = objective(result)
             self._report(trial, result, value, rung, reported)
             trial.set_user_attr("fidelity", rung)
@@ -203,6 +202,7 @@ class Objective:
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
                 raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")
         trial.set_user_attr("merge_s", merge_s)
+        trial.set_user_attr("batch_size", result.batch_size)  # what export re-scores the winner with
         trial.set_user_attr("eval_s", eval_s)
         self.tracker.log(run, dicts={"per_item.json": result.record()})
         return [result[task].mean for task in objective.weights] if self.multi else value
@@ -277,7 +277,8 @@ def leaderboard(study: optuna.Study, top: int | None = None) -> list[dict]:
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
     for trial in (t for t in trials if t.state in (*FINISHED, TrialState.FAIL)):
-        note = trial.user_attrs.get("fail_reason", "")
+        # ours, or Optuna's own (a NaN objective, say)
+        note = trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))
         if trial.number in retried:
             retry = retried[trial.number]
             note = f"{retry.user_attrs.get('retry_reason', 'interrupted')}; re-run as trial {retry.number}"
