@@ -96,6 +96,27 @@ def test_ties_keeps_exactly_mergekits_top_k_under_ties(density, pico_zoo):
         assert changed == min(nonzero, max(1, int(density * value.numel()))), name
 
 
+def test_sign_consensus_breaks_exact_cancellations_towards_plus_as_mergekit(pico_zoo, block):
+    """Two task vectors that are exact negatives: every sum is +0, the majority sign is +."""
+    step = 2.0 ** -10
+    base, plus, minus = (Parent.open(pico_zoo / name) for name in MODELS[:3])
+    stored = Parents([base, plus, minus])
+    stored.load()
+    for name, value in base.tensors.items():
+        base.tensors[name] = (value / step).round() * step
+        tau = ((plus.tensors[name] - value) / step).round().clamp(-3, 3) * step
+        plus.tensors[name], minus.tensors[name] = base.tensors[name] + tau, base.tensors[name] - tau
+    config = {"merge_method": "ties", "base_model": str(pico_zoo / MODELS[0]), "models": [
+        {"model": str(pico_zoo / name), "parameters": {"weight": 0.5, "density": 1.0}} for name in MODELS[1:3]]}
+    ours, mergekit = build(stored, config, fast=True), build(stored, config, fast=False)
+    moved = 0
+    for name, value in mergekit.items():
+        assert torch.equal(ours[name], value), name
+        moved += int((value > base.tensors[name]).sum())
+        assert not (value < base.tensors[name]).any(), name  # only the + side agrees
+    assert moved > 0
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pico_zoo, block):
     config = configs(pico_zoo)[method]
