@@ -88,7 +88,7 @@ class Engine:
         self._place_parents(plan, fast_path)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._accounted = self._peak = self._resident_bytes()
+        self._accounted = self._peak = self._resident_bytes(plan, fast_path)
         with torch.no_grad():
             for job, inputs in self._inputs(plan):
                 target = self.candidate.tensors[job.name]
@@ -122,30 +122,30 @@ class Engine:
         else:
             fast.task_arithmetic_family(method, job, inputs, self.cache, seed, target)
 
-    def _resident_bytes(self) -> int:
-        resident = self.candidate.nbytes
+    def _resident_bytes(self, plan: MergePlan, fast_path: bool) -> int:
+        """The candidate, the fast path's device scratch, and the parents with the study cache when
+        they are resident: what this build will hold on the device at most, before its transients."""
+        values, scratch = fast.footprint(plan, self.parents) if fast_path else (0, 0)
+        resident = self.candidate.nbytes + max(scratch, self.cache.scratch.nbytes)
         if not self.parents.streamed:
-            resident += self.parents.nbytes + self.cache.nbytes
+            resident += self.parents.nbytes + max(values, self.cache.values_nbytes)
         return resident
 
     def _place_parents(self, plan: MergePlan, fast_path: bool) -> None:
         """Decide once per study whether the parents live on the device or stream from the host."""
         if any(parent.tensors for parent in self.parents):
             return
-        cache_bytes = 0
-        if fast_path and plan.method not in ("linear", "slerp"):
-            # a task vector per non-base input, and an int32 rank each for magnitude pruning
-            per_input = sum(self.parents[job.sources[0].model].headers[job.sources[0].tensor].nbytes
-                            for job in plan.jobs)
-            cache_bytes = per_input * (len(plan.jobs[0].sources) - 1) * (2 if plan.method == "ties" else 1)
-        needed = self.parents.nbytes + self.candidate.nbytes + cache_bytes
+        values, scratch = fast.footprint(plan, self.parents) if fast_path else (0, 0)
+        largest = max(sum(self.parents[s.model].headers[s.tensor].nbytes for s in job.sources)
+                      for job in plan.jobs)
+        # the parents and their cache, the candidate, the fast path's scratch and one tensor's
+        # merge temporaries (twice its inputs, as build accounts them)
+        needed = self.parents.nbytes + values + self.candidate.nbytes + scratch + 2 * largest
         resident = self.device_budget is None or needed <= self.device_budget
         self.parents.load(resident=resident)
         if not resident:
-            largest = max(sum(self.parents[s.model].headers[s.tensor].nbytes for s in job.sources)
-                          for job in plan.jobs)
-            # the current and the prefetched tensor's inputs, plus their task vectors and scratch
-            streaming_peak = self.candidate.nbytes + 4 * largest
+            # the current and the prefetched tensor's inputs, their merge temporaries, the scratch
+            streaming_peak = self.candidate.nbytes + scratch + 4 * largest
             if streaming_peak > self.device_budget:
                 raise MergeInputError(f"device budget {self.device_budget} bytes is below the "
                                       f"{streaming_peak} bytes that streaming needs")

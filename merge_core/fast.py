@@ -25,7 +25,7 @@ from mergekit import merge_methods
 from mergekit.sparsify import SparsificationMethod
 
 from merge_core.parents import Parents
-from merge_core.planner import Source, TensorJob
+from merge_core.planner import MergePlan, Source, TensorJob
 
 FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
@@ -110,8 +110,8 @@ class StudyCache:
         self.scratch = Scratch(parents.device)
 
     @property
-    def nbytes(self) -> int:
-        return self.scratch.nbytes + sum(value.numel() * value.element_size() for value in self.values.values())
+    def values_nbytes(self) -> int:
+        return sum(value.numel() * value.element_size() for value in self.values.values())
 
     def _get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self.values:
@@ -204,11 +204,62 @@ def slerp(job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, out: to
         _store(result.reshape(v0.shape).to(v0.dtype), out)
 
 
+def _block(numel: int, device: torch.device) -> int:
+    """Elements per fused pass: cache-sized on the CPU, the whole tensor on a GPU."""
+    return max(1, numel if device.type != "cpu" else min(numel, CPU_BLOCK))
+
+
 def _spans(flat: torch.Tensor) -> list[slice]:
-    """The blocks a fused pass walks: cache-sized on the CPU, the whole tensor on a GPU."""
+    """The blocks a fused pass walks."""
     numel = flat.numel()
-    block = max(1, numel if flat.device.type != "cpu" else min(numel, CPU_BLOCK))
+    block = _block(numel, flat.device)
     return [slice(start, min(numel, start + block)) for start in range(0, max(numel, 1), block)]
+
+
+def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
+    """Bytes the fast path for ``plan`` keeps at most: (study-cache values, scratch on the device).
+
+    Values: a task vector per non-base input, and an int32 magnitude rank each for TIES or an L1
+    norm each for a rescale; SLERP's dot products. Scratch: the grow-only ``Scratch`` slots, each
+    sized by the largest tensor that uses it. The per-call temporaries (a block's deltas and sign
+    agreement, a whole tensor each on a GPU) are the engine's per-tensor allowance of twice the
+    inputs. This mirrors what the functions below allocate; ``tests/test_merge_fast.py`` holds it
+    to the real allocations.
+    """
+    if plan.method not in FAST_METHODS or plan.method == "linear":
+        return 0, 0
+    values, slots = 0, {}
+    device = parents.device
+
+    def need(slot: str, nbytes: int) -> None:
+        slots[slot] = max(slots.get(slot, 0), nbytes)
+
+    for job in plan.jobs:
+        first = job.sources[0]
+        dtype = job.in_dtype or parents[first.model].headers[first.tensor].dtype
+        numel, size = math.prod(job.shape), dtype.itemsize
+        block = _block(numel, device)
+        if plan.method == "slerp":  # the cached dot product, and one block's scratch term
+            values += _work_dtype(dtype).itemsize
+            need("slerp-term", block * _work_dtype(dtype).itemsize)
+            continue
+        models = len(job.sources) - (job.base is not None)
+        values += models * numel * (size + (4 if plan.method == "ties" else 0))
+        kind = merge_methods.get(plan.method).sparsification_method
+        rescale = bool(job.shared.get("rescale"))
+        if kind is None:
+            continue
+        work = size
+        if kind == SparsificationMethod.random:
+            if device.type == "cpu":
+                need("first-bytes", numel)
+                work = size if dtype == torch.bfloat16 else 4
+        need("mask", models * (numel if rescale or kind == SparsificationMethod.random else block) * work)
+        if rescale:
+            values += models * work  # the L1 norms
+            need("masked", models * numel * work)
+            need("abs", numel * work)
+    return values, sum(slots.values())
 
 
 def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.Tensor],
@@ -298,7 +349,7 @@ class _Sparsified:
                 full = torch.lt(ranks, k, out=scratch.get(("mask", index), numel, tau.dtype))
                 self.mask = full.__getitem__
             else:
-                block = scratch.get(("mask", index), _spans(self.tau)[0].stop, tau.dtype)  # one block's worth
+                block = scratch.get(("mask", index), _block(numel, tau.device), tau.dtype)
                 self.mask = lambda span: torch.lt(ranks[span], k, out=block[: span.stop - span.start])
         else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
             if tau.device.type == "cpu" and tau.dtype != torch.bfloat16:

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merge_configs import configs
-from merge_core import Engine, MergeInputError, Parents
+from merge_core import Engine, MergeInputError, Parents, fast
 from merge_core.parents import Parent, TensorHeader
 from search.cli import main
 
@@ -101,19 +101,44 @@ def test_candidate_is_reused_in_place_until_the_structure_changes(parents, pico_
                        gsm["model.layers.0.mlp.up_proj.weight"])
 
 
+def streaming_need(engine: Engine, config: dict) -> tuple[int, int]:
+    """(what streaming `config` needs on the device, what keeping the parents resident needs)."""
+    plan = engine.plan(config)
+    values, scratch = fast.footprint(plan, engine.parents) if plan.method in fast.FAST_METHODS else (0, 0)
+    largest = max(sum(engine.parents[s.model].headers[s.tensor].nbytes for s in job.sources) for job in plan.jobs)
+    candidate = engine.candidate.nbytes
+    return (candidate + scratch + 4 * largest,
+            engine.parents.nbytes + values + candidate + scratch + 2 * largest)
+
+
 @pytest.mark.parametrize("method", ["ties", "slerp_gradient", "sce"])
 def test_capped_device_budget_streams_and_stays_under_it(method, pico_zoo, parents):
     config = configs(pico_zoo)[method]
     resident = Engine(parents)
     resident.build(config)
-    streamed_parents = Parents.open([pico_zoo / name for name in MODELS])
-    budget = resident.candidate.nbytes + streamed_parents.nbytes - 1  # parents cannot stay resident
-    engine = Engine(streamed_parents, device_budget=budget)
+    budget, resident_need = streaming_need(resident, config)
+    assert budget < resident_need  # the parents cannot stay on the device
+    engine = Engine(Parents.open([pico_zoo / name for name in MODELS]), device_budget=budget)
     report = engine.build(config)
     assert report.streamed and report.peak_device_bytes <= budget
     assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in resident.candidate.tensors.items())
     with pytest.raises(MergeInputError, match="device budget"):
-        Engine(Parents.open([pico_zoo / n for n in MODELS]), device_budget=1000).build(configs(pico_zoo)["linear"])
+        Engine(Parents.open([pico_zoo / n for n in MODELS]), device_budget=budget - 1).build(config)
+
+
+def test_a_budget_that_only_the_fast_path_scratch_exceeds_streams(pico_zoo, parents):
+    """DARE keeps a mask and a masked copy per model on the device: counted before deciding."""
+    config = configs(pico_zoo)["dare_ties"]
+    resident = Engine(parents)
+    resident.build(config, seed=5)
+    _, resident_need = streaming_need(resident, config)
+    scratch = fast.footprint(resident.plan(config), parents)[1]
+    assert scratch > 0
+    for budget, streamed in ((resident_need - 1, True), (resident_need, False)):
+        engine = Engine(Parents.open([pico_zoo / name for name in MODELS]), device_budget=budget)
+        report = engine.build(config, seed=5)
+        assert report.streamed == streamed and report.peak_device_bytes <= budget
+        assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in resident.candidate.tensors.items())
 
 
 # ---- bad input: exit code 2, a message that names the culprit, no output folder ----

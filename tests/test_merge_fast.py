@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 from unittest import mock
 
@@ -47,7 +48,7 @@ def block(request, monkeypatch):
     if request.param != "default":
         monkeypatch.setattr("merge_core.fast.CPU_BLOCK", 1000)
     if request.param == "gpu-layout":
-        monkeypatch.setattr("merge_core.fast._spans", lambda flat: [slice(0, max(flat.numel(), 1))])
+        monkeypatch.setattr("merge_core.fast._block", lambda numel, device: max(1, numel))
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
@@ -136,6 +137,26 @@ def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pi
     assert next(masks, None) is None  # mergekit drew exactly one mask per task vector
     for tensor, value in mergekit.items():
         assert torch.equal(ours[tensor], value), tensor
+
+
+FOOTPRINT_CASES = {  # name: (config, its global parameters, its top-level keys)
+    "slerp_gradient": ("slerp_gradient", {}, {}), "task_arithmetic": ("task_arithmetic", {}, {}),
+    "ties": ("ties", {}, {}), "ties_rescaled": ("ties", {"rescale": True}, {}),
+    "dare_ties": ("dare_ties", {}, {}), "dare_linear_fp16": ("dare_linear", {}, {"dtype": "float16"})}
+
+
+@pytest.mark.parametrize("name", sorted(FOOTPRINT_CASES))
+def test_footprint_bounds_what_the_fast_paths_allocate(name, parents, pico_zoo, block):
+    """The engine decides residency from `fast.footprint` before anything is built."""
+    key, parameters, top = FOOTPRINT_CASES[name]
+    config = copy.deepcopy(configs(pico_zoo)[key]) | top
+    config["parameters"] = config.get("parameters", {}) | parameters
+    engine = Engine(parents)
+    plan = engine.plan(config)
+    values, scratch = fast.footprint(plan, parents)
+    engine.build(plan, seed=1)
+    assert engine.cache.scratch.nbytes == scratch  # exact: masks, masked copies, draws, terms
+    assert engine.cache.values_nbytes == values > 0  # exact: task vectors, ranks, norms, dots
 
 
 @pytest.mark.parametrize("method,fast", [("dare_ties", True), ("dare_linear", True),
