@@ -211,7 +211,7 @@ def _configure(task, spec: TaskSpec) -> None:
 def _metric_key(task, spec: TaskSpec) -> str:
     """The 'metric,filter' key to report: the spec's, else the task's first metric and filter."""
     metrics = list(task.aggregation())
-    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    filters = [f.name for f in task._filters]  # lm-eval names a task without a filter_list "none"
     key = spec.metric or f"{metrics[0]},{filters[0]}"
     metric, filter_name = key.split(",")
     if metric not in metrics or filter_name not in filters:
@@ -219,6 +219,16 @@ def _metric_key(task, spec: TaskSpec) -> str:
     if task.aggregation()[metric].__name__ != "mean":
         raise TaskError(f"task {spec.task!r}: metric {metric!r} is not a mean over items, so it has no per-item score")
     return key
+
+
+def _score_only(task, key: str) -> None:
+    """Drop the filters and metrics that are not reported: lm-eval runs every filter over every
+    answer and computes every metric per item and filter, and an Evaluator reports one of each."""
+    metric, filter_name = key.split(",")
+    task._filters = [f for f in task._filters if f.name == filter_name]
+    for table in (task._metric_fn_list, task._metric_fn_kwargs, task._aggregation_list, task._higher_is_better):
+        for name in [name for name in table if name != metric]:
+            del table[name]
 
 
 @functools.cache
@@ -371,6 +381,8 @@ class Evaluator:
         for task in self.tasks.values():
             _freeze_eval_docs(task)
         self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
+        for name, task in self.tasks.items():
+            _score_only(task, self.metrics[name])
         self.splits: dict[str, ItemSplits] = {
             name: split_items(name, len(task.eval_docs), split_seed) for name, task in self.tasks.items()
         }

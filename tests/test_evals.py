@@ -128,6 +128,28 @@ def test_a_higher_rung_scores_only_its_new_items(addition):
     assert joined.seconds == low.seconds + more.seconds
 
 
+def test_only_the_reported_filter_runs_and_it_scores_as_lm_eval_does(pico_zoo):
+    """The Evaluator drops unreported filters and metrics; lm-eval itself, on a task loaded afresh
+    with all of them, gives the same per-item scores for the one reported."""
+    from lm_eval.evaluator import evaluate
+
+    from evals.harness import load_tasks
+
+    model, tokenizer = load_model(pico_zoo / "specialist-addition")
+    evaluator = Evaluator(model, tokenizer, [TaskSpec(task="tiny_addition", metric="exact_match,flexible-extract")])
+    task = evaluator.tasks["tiny_addition"]
+    assert [f.name for f in task._filters] == ["flexible-extract"] and list(task._metric_fn_list) == ["exact_match"]
+    ours = evaluator.score("select", limit=80)["tiny_addition"]
+
+    fresh = load_tasks([TaskSpec(task="tiny_addition")])["tiny_addition"]
+    assert [f.name for f in fresh._filters] == ["strict-match", "flexible-extract"]
+    results = evaluate(evaluator.lm, {"tasks": {"tiny_addition": fresh}, "groups": {}, "group_map": {}},
+                       samples={"tiny_addition": sorted(ours.doc_ids)}, bootstrap_iters=0, log_samples=True)
+    theirs = {s["doc_id"]: s["exact_match"] for s in results["samples"]["tiny_addition"] if s["filter"] == "flexible-extract"}
+    assert [theirs[d] for d in ours.doc_ids] == ours.per_item
+    assert sum(ours.per_item) > 0  # some right answers among the compared
+
+
 def test_hub_task_splits_its_evaluation_split_disjointly_and_stably(pico_zoo, gsm8k_copy):
     model, tokenizer = load_model(pico_zoo / "base")
     spec = {"task": "gsm8k", "data_files": {k: str(v) for k, v in gsm8k_copy.items()}, "num_fewshot": 1}
