@@ -6,7 +6,9 @@
 
 Parents are random-weight Mistral folders (a base and fine-tunes = base + small noise) written to
 a temporary folder. The engine is timed after one warm-up build (which fills the per-study cache;
-that precompute is reported on its own). On a GPU the table adds the memory-bandwidth floor
+that precompute is reported on its own). Each of the three is run ``--repeats`` times and its
+fastest run is reported: on a shared machine the fastest run is the one least disturbed by other
+work, and all three get the same number of tries. On a GPU the table adds the memory-bandwidth floor
 (bytes of all inputs read + the output written, over the measured device copy bandwidth) and
 peak device memory.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             engine.build(config, seed=0)
             precompute = time.perf_counter() - started
             reports = [engine.build(config, seed=seed + 1) for seed in range(repeats)]
-            ours = statistics.median(r.seconds for r in reports)
-            api = statistics.median(mergekit_api(engine, config, device) for _ in range(repeats))
-            disk = None if opts.no_yaml else mergekit_yaml(config, folder, device)
+            ours = min(r.seconds for r in reports)
+            api = min(mergekit_api(engine, config, device) for _ in range(repeats))
+            disk = None if opts.no_yaml else min(mergekit_yaml(config, folder, device) for _ in range(repeats))
             row = (f"| {method} | {ours:.3f} | {precompute:.3f} | {api:.3f} | {api / ours:.1f} | "
                    + (f"{disk:.1f} | {disk / ours:.0f} |" if disk else "- | - |"))
             if bandwidth:

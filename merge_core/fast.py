@@ -30,7 +30,7 @@ from merge_core.planner import MergePlan, Source, TensorJob
 FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
 _RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's eps
-CPU_BLOCK = 1 << 17  # elements per fused block on the CPU: every model's block stays in cache
+CPU_BLOCK = 1 << 18  # elements per fused block on the CPU (1 MiB in fp32): a block of every model stays in cache
 DRAW_SEGMENT = 1 << 20  # DARE draws per generator on the CPU (part of what a seed means there)
 
 
@@ -41,17 +41,12 @@ def tensor_seed(seed: int, *names: str) -> int:
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, job: TensorJob, model: str,
-              device: torch.device, out: torch.Tensor | None = None, scratch: Scratch | None = None
-              ) -> torch.Tensor:
+              device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bernoulli(density) mask (1 keep, 0 drop) for one task vector, from (seed, tensor, model).
 
     ``out`` is a reused flat buffer in the work dtype: fresh multi-MB tensors cost more in page
-    faults than the draws do. On a GPU the draws are one torch.rand stream. On the CPU, where
-    torch.rand (~3 ns an element, serial) was most of a DARE build, an element is kept when a
-    uniform 32-bit integer is below floor(density * 2^32), which is Bernoulli(density) to 2^-32.
-    The integer is compared one byte first and its low 24 bits are drawn only for the 1/256 of
-    elements whose first byte ties. Draws come in fixed segments, each from its own SFC64 stream
-    seeded by (seed, tensor, model, segment), so they run on every core in any order.
+    faults than the draws do. On a GPU the draws are one torch.rand stream. On the CPU the mask is
+    ``keep_bytes`` compared with its cut, which the fast path does one block at a time.
     """
     numel = math.prod(shape)
     if out is None:
@@ -60,23 +55,38 @@ def dare_mask(shape: Sequence[int], density: float, seed: int, job: TensorJob, m
         generator = torch.Generator(device).manual_seed(tensor_seed(seed, job.name, model))
         torch.rand(out.shape, generator=generator, device=device, dtype=out.dtype, out=out)
         return torch.lt(out, density, out=out).reshape(tuple(shape))
+    first = torch.empty(numel, dtype=torch.uint8)
+    return torch.lt(first, keep_bytes(first, density, seed, job, model), out=out).reshape(tuple(shape))
+
+
+def keep_bytes(first: torch.Tensor, density: float, seed: int, job: TensorJob, model: str) -> int:
+    """Fill the flat uint8 ``first`` so that element i is kept exactly when first[i] < the cut returned.
+
+    On the CPU, where torch.rand (~3 ns an element, serial) was most of a DARE build, an element
+    is kept when a uniform 32-bit integer is below floor(density * 2^32), which is
+    Bernoulli(density) to 2^-32. The integer is compared one byte first, and its low 24 bits are
+    drawn only for the 1/256 of elements whose first byte ties with the threshold's; a tie's
+    outcome is then written into its byte. Draws come in fixed segments, each from its own SFC64
+    stream seeded by (seed, tensor, model, segment), so they run on every core in any order.
+    """
     threshold = min(max(int(density * 2**32), 0), 2**32)
     high, low = threshold >> 24, threshold & 0xFFFFFF
-    first = torch.empty(numel, dtype=torch.uint8) if scratch is None else scratch.get("first-bytes", numel, torch.uint8)
 
-    def draw(start: int) -> np.ndarray:
-        """The segment's first bytes, and where a tied first byte is kept. numpy only: a torch op
-        on a pool thread would start another OpenMP team that spins against the main one."""
+    def draw(start: int) -> None:
+        """numpy only: a torch op on a pool thread would start another OpenMP team that spins
+        against the main one."""
         segment = first[start:start + DRAW_SEGMENT].numpy()
         bits = np.random.SFC64(tensor_seed(seed, job.name, model, str(start)))
         segment[:] = bits.random_raw(-(-segment.size // 8)).view(np.uint8)[: segment.size]
         tied = np.flatnonzero(segment == high)
-        return start + tied[(bits.random_raw(tied.size) & 0xFFFFFF) < low]
+        kept = (bits.random_raw(tied.size) & 0xFFFFFF) < low
+        if high:  # a kept tie goes below the cut
+            segment[tied[kept]] = 0
+        else:  # the cut is 1: a dropped tie goes up to it
+            segment[tied[~kept]] = 1
 
-    kept_ties = np.concatenate(list(_pool().map(draw, range(0, numel, DRAW_SEGMENT))))
-    torch.lt(first, high, out=out)
-    out[torch.from_numpy(kept_ties)] = 1
-    return out.reshape(tuple(shape))
+    list(_pool().map(draw, range(0, first.numel(), DRAW_SEGMENT)))
+    return max(high, 1)
 
 
 class Scratch:
@@ -134,8 +144,8 @@ class StudyCache:
             return ranks.reshape(tau.shape)
         return self._get(("rank", base, model, tau.dtype), rank)
 
-    def l1(self, base: Source, model: Source, tau: torch.Tensor) -> torch.Tensor:
-        return self._get(("l1", base, model, tau.dtype), lambda: tau.abs().sum())
+    def l1(self, base: Source, model: Source, tau: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._get(("l1", base, model, tau.dtype, dtype), lambda: tau.to(dtype).abs().sum())
 
     def slerp_stats(self, base: Source, other: Source, v0: torch.Tensor, v1: torch.Tensor
                     ) -> torch.Tensor:
@@ -221,10 +231,9 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
 
     Values: a task vector per non-base input, and an int32 magnitude rank each for TIES or an L1
     norm each for a rescale; SLERP's dot products. Scratch: the grow-only ``Scratch`` slots, each
-    sized by the largest tensor that uses it. The per-call temporaries (a block's deltas and sign
-    agreement, a whole tensor each on a GPU) are the engine's per-tensor allowance of twice the
-    inputs. This mirrors what the functions below allocate; ``tests/test_merge_fast.py`` holds it
-    to the real allocations.
+    sized by the largest tensor that uses it (a block of it on the CPU, all of it on a GPU). This
+    mirrors what the functions below allocate; ``tests/test_merge_fast.py`` holds it to the real
+    allocations.
     """
     if plan.method not in FAST_METHODS or plan.method == "linear":
         return 0, 0
@@ -245,16 +254,23 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
             continue
         models = len(job.sources) - (job.base is not None)
         values += models * numel * (size + (4 if plan.method == "ties" else 0))
-        kind = merge_methods.get(plan.method).sparsification_method
+        method = merge_methods.get(plan.method)
+        need("deltas", models * block * size)  # a block of every model's delta, and of their sum
+        need("mixed", block * size)
+        if method.consensus_method:  # the sign agreement, the majority sign, the divisor
+            need("agree", models * block * size)
+            need("sign", block * size)
+            need("divisor", block * size)
+            need("zero-divisor", block)
+        kind = method.sparsification_method
         rescale = bool(job.shared.get("rescale"))
         if kind is None:
             continue
         work = size
-        if kind == SparsificationMethod.random:
-            if device.type == "cpu":
-                need("first-bytes", numel)
-                work = size if dtype == torch.bfloat16 else 4
-        need("mask", models * (numel if rescale or kind == SparsificationMethod.random else block) * work)
+        if kind == SparsificationMethod.random and device.type == "cpu":
+            need("keep-bytes", models * numel)
+            work = size if dtype == torch.bfloat16 else 4
+        need("mask", models * block * work)
         if rescale:
             values += models * work  # the L1 norms
             need("masked", models * numel * work)
@@ -287,25 +303,32 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
     direct = out.dtype == base.dtype and out.is_contiguous()
     flat_out = out.view(-1) if direct else torch.empty_like(flat_base)
     spans = _spans(flat_base)
-    scratch = base.new_empty((len(parts), spans[0].stop))
-    agree_scratch, sign_scratch = torch.empty_like(scratch), scratch.new_empty(spans[0].stop)
+    block, scratch = spans[0].stop, cache.scratch  # reused buffers: fresh ones cost page faults
+    rows = scratch.get("deltas", len(parts) * block, base.dtype).view(len(parts), block)
+    mixed_buffer = scratch.get("mixed", block, base.dtype)
+    if consensus:
+        agree_rows = scratch.get("agree", len(parts) * block, base.dtype).view(len(parts), block)
+        column, divisor_buffer = scratch.get("sign", block, base.dtype), scratch.get("divisor", block, base.dtype)
+        zero_divisor = scratch.get("zero-divisor", block, torch.bool)
     for span in spans:
-        deltas = scratch[:, : span.stop - span.start]
+        width = span.stop - span.start
+        deltas = rows[:, :width]
         for row, part in enumerate(parts):
             part.write(span, deltas[row])
         deltas.mul_(weights)
         if consensus:
-            # mergekit's sign consensus: keep d_i whose sign is the majority's (the sign of the
-            # sum, ties to +), as a float 1/0 mask: d_i * s > 0 exactly when sign(d_i) == s
-            sign = torch.ge(deltas.sum(dim=0), 0, out=sign_scratch[: deltas.shape[1]]).mul_(2).sub_(1)
-            agree = torch.mul(deltas, sign, out=agree_scratch[:, : deltas.shape[1]])
-            torch.gt(agree, 0, out=agree)
-            mixed = deltas.mul_(agree).sum(dim=0)
+            # mergekit's sign consensus keeps d_i whose sign is the majority's (the sign of the sum,
+            # ties to +), as a float 1/0 mask: d_i * s > 0 exactly when sign(d_i) == s. Here
+            # s = copysign(1, sum): a sum is -0.0 only when every term is a zero, and zeros never agree
+            sign = torch.copysign(column[:width].fill_(1), torch.sum(deltas, dim=0, out=mixed_buffer[:width]),
+                                  out=column[:width])
+            agree = torch.gt(torch.mul(deltas, sign, out=agree_rows[:, :width]), 0, out=agree_rows[:, :width])
+            mixed = torch.sum(deltas.mul_(agree), dim=0, out=mixed_buffer[:width])
             if normalize:
-                divisor = (weights * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
+                divisor = torch.sum(agree.mul_(weights), dim=0, out=divisor_buffer[:width])
+                divisor.masked_fill_(torch.eq(divisor, 0, out=zero_divisor[:width]), 1)
         else:
-            mixed = deltas.sum(dim=0)
+            mixed = torch.sum(deltas, dim=0, out=mixed_buffer[:width])
             if normalize:
                 divisor = weights.sum(dim=0)
                 divisor[divisor.abs() < 1e-8] = 1
@@ -339,31 +362,32 @@ class _Sparsified:
         self.work_dtype = tau.dtype
         if kind is None or density >= 1:
             return
-        scratch = cache.scratch
+        scratch, block = cache.scratch, _block(numel, tau.device)
         if kind == SparsificationMethod.magnitude:
             if density <= 0 or numel == 0:
                 self.zero = True
                 return
             ranks, k = cache.magnitude_rank(base, source, tau).reshape(-1), max(1, int(density * numel))
-            if job.shared["rescale"]:
-                full = torch.lt(ranks, k, out=scratch.get(("mask", index), numel, tau.dtype))
-                self.mask = full.__getitem__
-            else:
-                block = scratch.get(("mask", index), _block(numel, tau.device), tau.dtype)
-                self.mask = lambda span: torch.lt(ranks[span], k, out=block[: span.stop - span.start])
+            mask = scratch.get(("mask", index), block, tau.dtype)
+            self.mask = lambda span: torch.lt(ranks[span], k, out=mask[: span.stop - span.start])
         else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
             if tau.device.type == "cpu" and tau.dtype != torch.bfloat16:
                 self.work_dtype = torch.float32
-            out = scratch.get(("mask", index), numel, self.work_dtype)
-            full = dare_mask(tau.shape, density, seed, job, source.model, tau.device, out, scratch).reshape(-1)
-            self.mask = full.__getitem__
-        if job.shared["rescale"]:
-            work = self.tau.to(self.work_dtype)
-            self.masked = torch.mul(work, self.mask(slice(None)),
-                                    out=scratch.get(("masked", index), numel, self.work_dtype))
-            before = cache.l1(base, source, work)
-            after = torch.abs(self.masked, out=scratch.get("abs", numel, self.work_dtype)).sum()  # shared: used here only
-            if not (before < _RESCALE_EPS or after < _RESCALE_EPS):  # mergekit's rescaled_masked_tensor
+            mask = scratch.get(("mask", index), block, self.work_dtype)
+            if tau.device.type == "cpu":
+                first = scratch.get(("keep-bytes", index), numel, torch.uint8)
+                cut = keep_bytes(first, density, seed, job, source.model)
+                self.mask = lambda span: torch.lt(first[span], cut, out=mask[: span.stop - span.start])
+            else:
+                self.mask = dare_mask(tau.shape, density, seed, job, source.model, tau.device, mask).reshape(-1).__getitem__
+        if job.shared["rescale"]:  # mergekit's rescaled_masked_tensor, its L1 sums over whole tensors
+            self.masked = scratch.get(("masked", index), numel, self.work_dtype)
+            absolute = scratch.get("abs", numel, self.work_dtype)  # shared: used here only
+            for span in _spans(self.tau):
+                torch.abs(torch.mul(self.tau[span].to(self.work_dtype), self.mask(span), out=self.masked[span]),
+                          out=absolute[span])
+            before, after = cache.l1(base, source, self.tau, self.work_dtype), absolute.sum()
+            if not (before < _RESCALE_EPS or after < _RESCALE_EPS):
                 self.factor = before / after
 
     def write(self, span: slice, row: torch.Tensor) -> None:
