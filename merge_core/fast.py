@@ -111,6 +111,11 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What mergekit's bernoulli sparsification computes in: fp32 on the CPU except for bf16."""
+    return torch.float32 if device.type == "cpu" and dtype != torch.bfloat16 else dtype
+
+
 class StudyCache:
     """Values that depend only on the parents; kept where the parents are kept."""
 
@@ -263,15 +268,15 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
             need("divisor", block * size)
             need("zero-divisor", block)
         kind = method.sparsification_method
-        rescale = bool(job.shared.get("rescale"))
         if kind is None:
             continue
         work = size
-        if kind == SparsificationMethod.random and device.type == "cpu":
-            need("keep-bytes", models * numel)
-            work = size if dtype == torch.bfloat16 else 4
+        if kind == SparsificationMethod.random:
+            work = _dare_work_dtype(dtype, device).itemsize
+            if device.type == "cpu":
+                need("keep-bytes", models * numel)
         need("mask", models * block * work)
-        if rescale:
+        if job.shared.get("rescale"):
             values += models * work  # the L1 norms
             need("masked", models * numel * work)
             need("abs", numel * work)
@@ -370,9 +375,8 @@ class _Sparsified:
             ranks, k = cache.magnitude_rank(base, source, tau).reshape(-1), max(1, int(density * numel))
             mask = scratch.get(("mask", index), block, tau.dtype)
             self.mask = lambda span: torch.lt(ranks[span], k, out=mask[: span.stop - span.start])
-        else:  # random (DARE); mergekit upcasts to fp32 on the CPU except for bf16
-            if tau.device.type == "cpu" and tau.dtype != torch.bfloat16:
-                self.work_dtype = torch.float32
+        else:  # random (DARE)
+            self.work_dtype = _dare_work_dtype(tau.dtype, tau.device)
             mask = scratch.get(("mask", index), block, self.work_dtype)
             if tau.device.type == "cpu":
                 first = scratch.get(("keep-bytes", index), numel, torch.uint8)

@@ -50,7 +50,7 @@ class Workbench:
         result, scored = None, 0
         for rung in rungs:
             more = self.score("search", limit=rung, skip=scored)
-            joined = more if result is None or not more.ok else result.extended(more)
+            joined = more if result is None else result.extended(more)  # a failed rung: itself
             yield rung, more, joined
             if not more.ok:
                 return
