@@ -8,8 +8,10 @@ parameters into a per-study cache:
   top-k count k = max(1, int(density * numel)) and mergekit's own tie order (its argsort);
 - L1 norms of the task vectors (DARE rescale numerator);
 - SLERP norms and normalized dot products, so a new t costs one fused pass.
-DARE masks are drawn from a generator seeded by (trial seed, tensor, model): the same config and
-seed give the same weights whatever order tensors are built in.
+TIES and DARE in fp32 on the CPU run as one fused pass per tensor (merge_core.kernels); the rest
+runs torch ops, a cache-sized block at a time on the CPU. DARE masks are drawn from a generator
+seeded by (trial seed, tensor, model): the same config and seed give the same weights whatever
+order tensors are built in.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from mergekit import merge_methods
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import SparsificationMethod
+from numba.typed import List
 
+from merge_core import kernels
 from merge_core.parents import Parents
 from merge_core.planner import MergePlan, Source, TensorJob
 
@@ -31,7 +36,6 @@ FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ti
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
 _RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's eps
 CPU_BLOCK = 1 << 18  # elements per fused block on the CPU (1 MiB in fp32): a block of every model stays in cache
-DRAW_SEGMENT = 1 << 20  # DARE draws per generator on the CPU (part of what a seed means there)
 
 
 def tensor_seed(seed: int, *names: str) -> int:
@@ -44,49 +48,21 @@ def dare_mask(shape: Sequence[int], density: float, seed: int, job: TensorJob, m
               device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bernoulli(density) mask (1 keep, 0 drop) for one task vector, from (seed, tensor, model).
 
-    ``out`` is a reused flat buffer in the work dtype: fresh multi-MB tensors cost more in page
-    faults than the draws do. On a GPU the draws are one torch.rand stream. On the CPU the mask is
-    ``keep_bytes`` compared with its cut, which the fast path does one block at a time.
+    On a GPU the draws are one torch.rand stream. On the CPU they are ``kernels.keep_mask``'s
+    counter-based draws, which the fused kernels recompute element by element; this full mask
+    serves the tests that hand mergekit the same mask.
     """
     numel = math.prod(shape)
     if out is None:
         out = torch.empty(numel, dtype=torch.float32, device=device)
+    key = tensor_seed(seed, job.name, model)
     if device.type != "cpu":
-        generator = torch.Generator(device).manual_seed(tensor_seed(seed, job.name, model))
+        generator = torch.Generator(device).manual_seed(key)
         torch.rand(out.shape, generator=generator, device=device, dtype=out.dtype, out=out)
         return torch.lt(out, density, out=out).reshape(tuple(shape))
-    first = torch.empty(numel, dtype=torch.uint8)
-    return torch.lt(first, keep_bytes(first, density, seed, job, model), out=out).reshape(tuple(shape))
-
-
-def keep_bytes(first: torch.Tensor, density: float, seed: int, job: TensorJob, model: str) -> int:
-    """Fill the flat uint8 ``first`` so that element i is kept exactly when first[i] < the cut returned.
-
-    On the CPU, where torch.rand (~3 ns an element, serial) was most of a DARE build, an element
-    is kept when a uniform 32-bit integer is below floor(density * 2^32), which is
-    Bernoulli(density) to 2^-32. The integer is compared one byte first, and its low 24 bits are
-    drawn only for the 1/256 of elements whose first byte ties with the threshold's; a tie's
-    outcome is then written into its byte. Draws come in fixed segments, each from its own SFC64
-    stream seeded by (seed, tensor, model, segment), so they run on every core in any order.
-    """
-    threshold = min(max(int(density * 2**32), 0), 2**32)
-    high, low = threshold >> 24, threshold & 0xFFFFFF
-
-    def draw(start: int) -> None:
-        """numpy only: a torch op on a pool thread would start another OpenMP team that spins
-        against the main one."""
-        segment = first[start:start + DRAW_SEGMENT].numpy()
-        bits = np.random.SFC64(tensor_seed(seed, job.name, model, str(start)))
-        segment[:] = bits.random_raw(-(-segment.size // 8)).view(np.uint8)[: segment.size]
-        tied = np.flatnonzero(segment == high)
-        kept = (bits.random_raw(tied.size) & 0xFFFFFF) < low
-        if high:  # a kept tie goes below the cut
-            segment[tied[kept]] = 0
-        else:  # the cut is 1: a dropped tie goes up to it
-            segment[tied[~kept]] = 1
-
-    list(_pool().map(draw, range(0, first.numel(), DRAW_SEGMENT)))
-    return max(high, 1)
+    kept = torch.empty(numel, dtype=torch.uint8)
+    kernels.keep_mask(key, kernels.threshold(density), 0, kept.numpy())
+    return out.copy_(kept).reshape(tuple(shape))
 
 
 class Scratch:
@@ -260,6 +236,13 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
         models = len(job.sources) - (job.base is not None)
         values += models * numel * (size + (4 if plan.method == "ties" else 0))
         method = merge_methods.get(plan.method)
+        kind = method.sparsification_method
+        work = size if kind != SparsificationMethod.random else _dare_work_dtype(dtype, device).itemsize
+        if kind is not None and job.shared.get("rescale"):
+            values += models * work  # the L1 norms
+            need("abs", numel * work)  # |tau * mask|, for the L1 sum over the whole tensor
+        if _fused(method, device, dtype):  # the kernels' tiles are a few KB of numba temporaries
+            continue
         need("deltas", models * block * size)  # a block of every model's delta, and of their sum
         need("mixed", block * size)
         if method.consensus_method:  # the sign agreement, the majority sign, the divisor
@@ -267,30 +250,29 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
             need("sign", block * size)
             need("divisor", block * size)
             need("zero-divisor", block)
-        kind = method.sparsification_method
-        if kind is None:
-            continue
-        work = size
-        if kind == SparsificationMethod.random:
-            work = _dare_work_dtype(dtype, device).itemsize
-            if device.type == "cpu":
-                need("keep-bytes", models * numel)
-        need("mask", models * block * work)
-        if job.shared.get("rescale"):
-            values += models * work  # the L1 norms
-            need("masked", models * numel * work)
-            need("abs", numel * work)
+        if kind is not None:
+            need("mask", models * block * work)
+        if kind == SparsificationMethod.random and device.type == "cpu":
+            need("keep", block)  # the kept flags of a block, before they become the mask
     return values, sum(slots.values())
+
+
+def _fused(method: GeneralizedTaskArithmeticMerge, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether merge_core.kernels' fused pass builds this: fp32 on the CPU, with masks or a sign
+    vote. numba has no bf16 or fp16 arithmetic to repeat torch's per-op rounding with, so other
+    dtypes, and GPUs, run torch ops; so does plain task arithmetic, whose three torch ops per
+    block measured faster than the kernel (0.144 s against 0.169 s a build on the bench's 0.1B)."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and (method.sparsification_method is not None or method.consensus_method is not None))
 
 
 def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.Tensor],
                            cache: StudyCache, seed: int, out: torch.Tensor) -> None:
     """mergekit's GeneralizedTaskArithmeticMerge: base + lambda * sum(m_i w_i tau'_i) [/ sum(m_i w_i)].
 
-    The same ops as mergekit's, in the same order, but on the CPU one block of elements at a
-    time: every intermediate stays in cache and reuses one scratch buffer, where mergekit makes
-    several [n_models, *shape] temporaries per tensor. Only a rescale's L1 sum needs the whole
-    tensor, and it is taken over the whole tensor, as mergekit takes it.
+    The same ops as mergekit's, in the same order, one block of elements at a time, where mergekit
+    makes several [n_models, *shape] temporaries per tensor. Only a rescale's L1 sum needs the
+    whole tensor, and it is taken over the whole tensor, as mergekit takes it.
     """
     method = merge_methods.get(method_name)
     base = inputs[job.base]
@@ -298,22 +280,44 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
     if not others:
         _store(base, out)
         return
+    fused = _fused(method, base.device, base.dtype)
     parts = [_Sparsified(job, method.sparsification_method, cache, index, seed,
-                         cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]))
+                         cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]), fused)
              for index in others]
     weights = torch.tensor([job.per_input["weight"][job.sources[i].model] for i in others],
                            dtype=base.dtype, device=base.device).unsqueeze(1)
-    consensus, normalize, scale = method.consensus_method, job.shared["normalize"], job.shared["lambda"]
+    consensus, normalize, scale = method.consensus_method is not None, job.shared["normalize"], job.shared["lambda"]
     flat_base = base.reshape(-1)
     direct = out.dtype == base.dtype and out.is_contiguous()
     flat_out = out.view(-1) if direct else torch.empty_like(flat_base)
+    if fused:
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+        taus, ranks = List(p.tau.numpy() for p in parts), List(p.ranks.numpy() for p in parts)
+        kinds = np.array([p.kind for p in parts], dtype=np.int64)
+        limits = np.array([p.limit for p in parts], dtype=np.int64)
+        keys = np.array([p.key for p in parts], dtype=np.uint64)
+        factors = np.array([p.factor for p in parts], dtype=np.float32)
+        _on_threads(lambda span: kernels.task_arithmetic(
+            span.start, span.stop, flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys,
+            factors, weights.reshape(-1).numpy(), consensus, normalize, np.float32(divisor.item()),
+            np.float32(scale)), _spans(flat_base))
+    else:
+        _torch_blocks(parts, weights, consensus, normalize, scale, flat_base, flat_out, cache.scratch)
+    if not direct:
+        out.copy_(flat_out.reshape(out.shape))
+
+
+def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, consensus: bool, normalize: bool,
+                  scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor, scratch: Scratch) -> None:
+    """The family in torch ops (GPUs; bf16, fp16, fp64 on the CPU), into reused buffers."""
     spans = _spans(flat_base)
-    block, scratch = spans[0].stop, cache.scratch  # reused buffers: fresh ones cost page faults
-    rows = scratch.get("deltas", len(parts) * block, base.dtype).view(len(parts), block)
-    mixed_buffer = scratch.get("mixed", block, base.dtype)
+    block, dtype = spans[0].stop, flat_base.dtype  # reused buffers: fresh ones cost page faults
+    rows = scratch.get("deltas", len(parts) * block, dtype).view(len(parts), block)
+    mixed_buffer = scratch.get("mixed", block, dtype)
     if consensus:
-        agree_rows = scratch.get("agree", len(parts) * block, base.dtype).view(len(parts), block)
-        column, divisor_buffer = scratch.get("sign", block, base.dtype), scratch.get("divisor", block, base.dtype)
+        agree_rows = scratch.get("agree", len(parts) * block, dtype).view(len(parts), block)
+        column, divisor_buffer = scratch.get("sign", block, dtype), scratch.get("divisor", block, dtype)
         zero_divisor = scratch.get("zero-divisor", block, torch.bool)
     for span in spans:
         width = span.stop - span.start
@@ -342,79 +346,98 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
         if scale != 1:
             mixed *= scale
         torch.add(flat_base[span], mixed, out=flat_out[span])
-    if not direct:
-        out.copy_(flat_out.reshape(out.shape))
+
+
+_NO_RANKS = torch.empty(0, dtype=torch.int32)
 
 
 class _Sparsified:
-    """One model's task vector after mergekit's sparsification, handed out block by block.
+    """One model's task vector and mergekit's sparsification of it: the mask rule and the rescale.
 
-    Masks are float 1/0 in the work dtype and are applied by multiplication, as mergekit applies
-    them (a float-by-bool product or ``torch.where`` is several times slower on the CPU).
-    Whatever needs the whole tensor (the DARE draws, a rescale's L1 sums) is computed here, once
-    per tensor, into reused scratch buffers; ``write`` is then one pass over a block.
+    ``kind``/``limit``/``key``/``ranks``/``factor`` are what the fused kernels take. The torch
+    path asks ``write`` for one block at a time; its masks are float 1/0 in the work dtype, applied
+    by multiplication as mergekit applies them (a float-by-bool product or ``torch.where`` is
+    several times slower on the CPU). A rescale's L1 sum, which needs the whole tensor, is taken
+    here, once per tensor.
     """
 
     def __init__(self, job: TensorJob, kind: SparsificationMethod | None, cache: StudyCache,
-                 index: int, seed: int, tau: torch.Tensor) -> None:
+                 index: int, seed: int, tau: torch.Tensor, fused: bool) -> None:
         source, base = job.sources[index], job.sources[job.base]
         density = job.per_input["density"][source.model]
         self.tau, numel = tau.reshape(-1), tau.numel()
-        self.mask: Callable[[slice], torch.Tensor] | None = None
-        self.masked: torch.Tensor | None = None  # tau * mask over the whole tensor, when rescaling
-        self.factor: torch.Tensor | None = None
-        self.zero = False
+        self.kind, self.limit, self.key, self.ranks, self.factor = kernels.NONE, 0, 0, _NO_RANKS, 1.0
         self.work_dtype = tau.dtype
+        self.drawn: torch.Tensor | None = None  # a GPU's whole DARE mask
+        self.scratch, self.index = cache.scratch, index
         if kind is None or density >= 1:
             return
-        scratch, block = cache.scratch, _block(numel, tau.device)
         if kind == SparsificationMethod.magnitude:
             if density <= 0 or numel == 0:
-                self.zero = True
+                self.kind = kernels.ZERO
                 return
-            ranks, k = cache.magnitude_rank(base, source, tau).reshape(-1), max(1, int(density * numel))
-            mask = scratch.get(("mask", index), block, tau.dtype)
-            self.mask = lambda span: torch.lt(ranks[span], k, out=mask[: span.stop - span.start])
+            self.kind, self.limit = kernels.MAGNITUDE, max(1, int(density * numel))
+            self.ranks = cache.magnitude_rank(base, source, tau).reshape(-1)
         else:  # random (DARE)
+            self.kind, self.limit = kernels.RANDOM, kernels.threshold(density)
+            self.key = tensor_seed(seed, job.name, source.model)
             self.work_dtype = _dare_work_dtype(tau.dtype, tau.device)
-            mask = scratch.get(("mask", index), block, self.work_dtype)
-            if tau.device.type == "cpu":
-                first = scratch.get(("keep-bytes", index), numel, torch.uint8)
-                cut = keep_bytes(first, density, seed, job, source.model)
-                self.mask = lambda span: torch.lt(first[span], cut, out=mask[: span.stop - span.start])
+            if tau.device.type != "cpu":
+                self.drawn = dare_mask(tau.shape, density, seed, job, source.model, tau.device,
+                                       self.scratch.get(("mask", index), numel, self.work_dtype)).reshape(-1)
+        if job.shared["rescale"]:  # mergekit's rescaled_masked_tensor: L1 sums over whole tensors
+            absolute = self.scratch.get("abs", numel, self.work_dtype)
+            if fused:
+                _on_threads(lambda span: kernels.masked_abs(
+                    self.tau.numpy(), self.ranks.numpy(), self.kind, self.limit, self.key, span.start, span.stop,
+                    absolute.numpy()), _spans(self.tau))
             else:
-                self.mask = dare_mask(tau.shape, density, seed, job, source.model, tau.device, mask).reshape(-1).__getitem__
-        if job.shared["rescale"]:  # mergekit's rescaled_masked_tensor, its L1 sums over whole tensors
-            self.masked = scratch.get(("masked", index), numel, self.work_dtype)
-            absolute = scratch.get("abs", numel, self.work_dtype)  # shared: used here only
-            for span in _spans(self.tau):
-                torch.abs(torch.mul(self.tau[span].to(self.work_dtype), self.mask(span), out=self.masked[span]),
-                          out=absolute[span])
+                for span in _spans(self.tau):
+                    torch.abs(self.masked(span, absolute[span]), out=absolute[span])
             before, after = cache.l1(base, source, self.tau, self.work_dtype), absolute.sum()
             if not (before < _RESCALE_EPS or after < _RESCALE_EPS):
                 self.factor = before / after
 
+    def mask(self, span: slice) -> torch.Tensor:
+        if self.drawn is not None:
+            return self.drawn[span]
+        mask = self.scratch.get(("mask", self.index), span.stop - span.start, self.work_dtype)
+        if self.kind == kernels.MAGNITUDE:
+            return torch.lt(self.ranks[span], self.limit, out=mask)
+        kept = self.scratch.get("keep", mask.numel(), torch.uint8)
+        kernels.keep_mask(self.key, self.limit, span.start, kept.numpy())
+        return mask.copy_(kept)
+
+    def masked(self, span: slice, out: torch.Tensor) -> torch.Tensor:
+        """tau * mask over a block, in the work dtype."""
+        return torch.mul(self.tau[span].to(self.work_dtype), self.mask(span), out=out)
+
     def write(self, span: slice, row: torch.Tensor) -> None:
-        if self.zero:
+        if self.kind == kernels.ZERO:
             row.zero_()
-        elif self.mask is None:
+        elif self.kind == kernels.NONE:
             row.copy_(self.tau[span])
         else:
             target = row if self.work_dtype == row.dtype else torch.empty_like(row, dtype=self.work_dtype)
-            if self.masked is None:
-                torch.mul(self.tau[span].to(self.work_dtype), self.mask(span), out=target)
-            elif self.factor is None:
-                target.copy_(self.masked[span])
-            else:
-                torch.mul(self.masked[span], self.factor, out=target)
+            self.masked(span, target)
+            if isinstance(self.factor, torch.Tensor):
+                target.mul_(self.factor)
             if target is not row:
                 row.copy_(target)
+
+
+def _on_threads(work: Callable[[slice], None], spans: list[slice]) -> None:
+    """Run a nogil kernel over the spans of a tensor, on every core."""
+    if len(spans) == 1:
+        work(spans[0])
+    else:
+        list(_pool().map(work, spans))
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="dare-draws")
+        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fused-kernels")
     return _POOL
 
 

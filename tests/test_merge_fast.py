@@ -8,19 +8,35 @@ import math
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
 from merge_configs import configs
 from merge_core import Engine, Parents
-from merge_core import fast
+from merge_core import fast, kernels
 from merge_core.fast import dare_mask
 from merge_core.parents import Parent
 
 FAST_CASES = ["linear", "linear_negative_unnormalized", "slerp_gradient", "task_arithmetic", "ties",
-              "ties_filters_lambda", "slices_two_slerp_bf16_out", "task_arithmetic_bf16"]
+              "ties_rescaled", "ties_filters_lambda", "slices_two_slerp_bf16_out", "task_arithmetic_bf16"]
 MODELS = ["base", "specialist-addition", "specialist-subtraction", "specialist-multiplication",
           "specialist-gsm8k"]
+
+
+VARIANTS = {  # name: (a config of merge_configs, global parameters added, top-level keys added)
+    "slerp_gradient": ("slerp_gradient", {}, {}), "task_arithmetic": ("task_arithmetic", {}, {}),
+    "ties": ("ties", {}, {}), "ties_rescaled": ("ties", {"rescale": True}, {}),
+    "dare_ties": ("dare_ties", {}, {}), "dare_linear": ("dare_linear", {}, {}),
+    "dare_linear_fp16": ("dare_linear", {}, {"dtype": "float16"}),
+    "dare_ties_bf16": ("dare_ties", {}, {"dtype": "bfloat16"})}
+
+
+def variant(zoo: Path, name: str) -> dict:
+    key, parameters, top = VARIANTS[name]
+    config = copy.deepcopy(configs(zoo)[key]) | top
+    config["parameters"] = config.get("parameters", {}) | parameters
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +69,7 @@ def block(request, monkeypatch):
 
 @pytest.mark.parametrize("name", FAST_CASES)
 def test_fast_path_equals_mergekit_api_bit_for_bit(name, parents, pico_zoo, block):
-    config = configs(pico_zoo)[name]
+    config = variant(pico_zoo, name) if name in VARIANTS else configs(pico_zoo)[name]
     ours, mergekit = build(parents, config, fast=True), build(parents, config, fast=False)
     for tensor, value in mergekit.items():
         assert torch.equal(ours[tensor], value), tensor
@@ -118,9 +134,10 @@ def test_sign_consensus_breaks_exact_cancellations_towards_plus_as_mergekit(pico
     assert moved > 0
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pico_zoo, block):
-    config = configs(pico_zoo)[method]
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "dare_linear_fp16", "dare_ties_bf16"])
+def test_dare_fast_path_equals_mergekit_given_the_same_masks(name, parents, pico_zoo, block):
+    """fp32 runs the fused kernels; fp16 and bf16 run torch ops on the CPU's masks."""
+    config = variant(pico_zoo, name)
     engine = Engine(parents)
     engine.build(config, seed=7)
     ours = weights(engine)
@@ -139,23 +156,15 @@ def test_dare_fast_path_equals_mergekit_given_the_same_masks(method, parents, pi
         assert torch.equal(ours[tensor], value), tensor
 
 
-FOOTPRINT_CASES = {  # name: (config, its global parameters, its top-level keys)
-    "slerp_gradient": ("slerp_gradient", {}, {}), "task_arithmetic": ("task_arithmetic", {}, {}),
-    "ties": ("ties", {}, {}), "ties_rescaled": ("ties", {"rescale": True}, {}),
-    "dare_ties": ("dare_ties", {}, {}), "dare_linear_fp16": ("dare_linear", {}, {"dtype": "float16"})}
-
-
-@pytest.mark.parametrize("name", sorted(FOOTPRINT_CASES))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_footprint_bounds_what_the_fast_paths_allocate(name, parents, pico_zoo, block):
     """The engine decides residency from `fast.footprint` before anything is built."""
-    key, parameters, top = FOOTPRINT_CASES[name]
-    config = copy.deepcopy(configs(pico_zoo)[key]) | top
-    config["parameters"] = config.get("parameters", {}) | parameters
+    config = variant(pico_zoo, name)
     engine = Engine(parents)
     plan = engine.plan(config)
     values, scratch = fast.footprint(plan, parents)
     engine.build(plan, seed=1)
-    assert engine.cache.scratch.nbytes == scratch  # exact: masks, masked copies, draws, terms
+    assert engine.cache.scratch.nbytes == scratch  # exact: masks, |masked|, kept flags, terms
     assert engine.cache.values_nbytes == values > 0  # exact: task vectors, ranks, norms, dots
 
 
@@ -173,12 +182,10 @@ def test_random_merges_depend_on_seed_not_on_order(method, fast, parents, pico_z
     assert not all(torch.equal(engine.candidate.tensors[k], v) for k, v in first.items())
 
 
-@pytest.mark.parametrize("density", [0.0, 77.5 / 256, 0.5, 0.9])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 0.9, 1.0])
 def test_cpu_dare_mask_is_bernoulli_with_the_requested_density(density):
-    """77.5/256 has a first byte of 77 and keeps half of the ties: without the low-bit draws for
-    tied first bytes, the density would be 77/256, 8 standard deviations off at this size."""
     job = dataclasses.make_dataclass("Job", ["name"])("model.layers.0.mlp.up_proj.weight")
-    numel = 4 * fast.DRAW_SEGMENT + 12345  # several segments and a ragged last one
+    numel = 3_000_017
     mask = fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu"))
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     sigma = (density * (1 - density) / numel) ** 0.5
@@ -186,3 +193,20 @@ def test_cpu_dare_mask_is_bernoulli_with_the_requested_density(density):
     assert torch.equal(mask, fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu")))
     if 0 < density < 1:
         assert not torch.equal(mask, fast.dare_mask((numel,), density, 6, job, "tuned", torch.device("cpu")))
+
+
+def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():
+    """The first outputs of SplitMix64 seeded with 1234567, from the reference implementation
+    (Vigna, splitmix64.c): an element is kept when the top 32 bits of its output are below the cut."""
+    reference = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                 16408922859458223821]
+    for index, output in enumerate(reference):
+        kept = np.empty(1, dtype=np.uint8)
+        for cut in (output >> 32, (output >> 32) + 1):
+            kernels.keep_mask(1234567, cut, index, kept)
+            assert kept[0] == (output >> 32 < cut)
+    whole = np.empty(10_000, dtype=np.uint8)
+    kernels.keep_mask(99, kernels.threshold(0.4), 0, whole)
+    piece = np.empty(777, dtype=np.uint8)
+    kernels.keep_mask(99, kernels.threshold(0.4), 4321, piece)
+    assert np.array_equal(piece, whole[4321:4321 + 777])
