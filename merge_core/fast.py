@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from mergekit import merge_methods
-from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import SparsificationMethod
 from numba.typed import List
 
@@ -35,7 +34,8 @@ from merge_core.planner import MergePlan, Source, TensorJob
 FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
 _RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's eps
-CPU_BLOCK = 1 << 18  # elements per fused block on the CPU (1 MiB in fp32): a block of every model stays in cache
+CPU_BLOCK = 1 << 18  # elements per torch block on the CPU (1 MiB in fp32): a block of every model stays in cache
+KERNEL_MIN_SPAN = 1 << 16  # elements: a tensor under this runs its kernel on the calling thread
 
 
 def tensor_seed(seed: int, *names: str) -> int:
@@ -147,6 +147,13 @@ class StudyCache:
         return self._get(("slerp", base, other, v0.dtype), stats)
 
 
+def _fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether merge_core.kernels' fused passes build a tensor: fp32 on the CPU. numba has no bf16
+    or fp16 arithmetic to repeat torch's per-op rounding with, so other dtypes, and GPUs, run
+    torch ops."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def _store(result: torch.Tensor, out: torch.Tensor) -> None:
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
@@ -184,13 +191,17 @@ def slerp(job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, out: to
     direct = out.dtype == dtype == v0.dtype and out.is_contiguous()
     result = out.view(-1) if direct else torch.empty(v0.numel(), dtype=dtype, device=v0.device)
     a, b = v0.reshape(-1), v1.reshape(-1)
-    spans = _spans(a)
-    term = cache.scratch.get("slerp-term", spans[0].stop, dtype)
-    for span in spans:  # mergekit's (s0 * v0) + (s1 * v1), one cache-sized block at a time
-        piece = term[: span.stop - span.start]
-        torch.mul(a[span].to(dtype), coef_a, out=result[span])
-        torch.mul(b[span].to(dtype), coef_b, out=piece)
-        result[span].add_(piece)
+    if _fused(v0.device, v0.dtype):
+        _on_threads(lambda span: kernels.slerp(span.start, span.stop, a.numpy(), b.numpy(), np.float32(coef_a),
+                                               np.float32(coef_b), result.numpy()), a.numel())
+    else:
+        spans = _spans(a)
+        term = cache.scratch.get("slerp-term", spans[0].stop, dtype)
+        for span in spans:  # mergekit's (s0 * v0) + (s1 * v1), one cache-sized block at a time
+            piece = term[: span.stop - span.start]
+            torch.mul(a[span].to(dtype), coef_a, out=result[span])
+            torch.mul(b[span].to(dtype), coef_b, out=piece)
+            result[span].add_(piece)
     if not direct:
         _store(result.reshape(v0.shape).to(v0.dtype), out)
 
@@ -229,9 +240,10 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
         dtype = job.in_dtype or parents[first.model].headers[first.tensor].dtype
         numel, size = math.prod(job.shape), dtype.itemsize
         block = _block(numel, device)
-        if plan.method == "slerp":  # the cached dot product, and one block's scratch term
+        if plan.method == "slerp":  # the cached dot product, and the torch path's term for one block
             values += _work_dtype(dtype).itemsize
-            need("slerp-term", block * _work_dtype(dtype).itemsize)
+            if not _fused(device, dtype):
+                need("slerp-term", block * _work_dtype(dtype).itemsize)
             continue
         models = len(job.sources) - (job.base is not None)
         values += models * numel * (size + (4 if plan.method == "ties" else 0))
@@ -241,7 +253,7 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
         if kind is not None and job.shared.get("rescale"):
             values += models * work  # the L1 norms
             need("abs", numel * work)  # |tau * mask|, for the L1 sum over the whole tensor
-        if _fused(method, device, dtype):  # the kernels' tiles are a few KB of numba temporaries
+        if _fused(device, dtype):  # the kernels' tiles are a few KB of numba temporaries
             continue
         need("deltas", models * block * size)  # a block of every model's delta, and of their sum
         need("mixed", block * size)
@@ -255,15 +267,6 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
         if kind == SparsificationMethod.random and device.type == "cpu":
             need("keep", block)  # the kept flags of a block, before they become the mask
     return values, sum(slots.values())
-
-
-def _fused(method: GeneralizedTaskArithmeticMerge, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether merge_core.kernels' fused pass builds this: fp32 on the CPU, with masks or a sign
-    vote. numba has no bf16 or fp16 arithmetic to repeat torch's per-op rounding with, so other
-    dtypes, and GPUs, run torch ops; so does plain task arithmetic, whose three torch ops per
-    block measured faster than the kernel (0.144 s against 0.169 s a build on the bench's 0.1B)."""
-    return (device.type == "cpu" and dtype == torch.float32
-            and (method.sparsification_method is not None or method.consensus_method is not None))
 
 
 def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.Tensor],
@@ -280,7 +283,7 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
     if not others:
         _store(base, out)
         return
-    fused = _fused(method, base.device, base.dtype)
+    fused = _fused(base.device, base.dtype)
     parts = [_Sparsified(job, method.sparsification_method, cache, index, seed,
                          cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]), fused)
              for index in others]
@@ -301,7 +304,7 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
         _on_threads(lambda span: kernels.task_arithmetic(
             span.start, span.stop, flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys,
             factors, weights.reshape(-1).numpy(), consensus, normalize, np.float32(divisor.item()),
-            np.float32(scale)), _spans(flat_base))
+            np.float32(scale)), flat_base.numel())
     else:
         _torch_blocks(parts, weights, consensus, normalize, scale, flat_base, flat_out, cache.scratch)
     if not direct:
@@ -390,7 +393,7 @@ class _Sparsified:
             if fused:
                 _on_threads(lambda span: kernels.masked_abs(
                     self.tau.numpy(), self.ranks.numpy(), self.kind, self.limit, self.key, span.start, span.stop,
-                    absolute.numpy()), _spans(self.tau))
+                    absolute.numpy()), numel)
             else:
                 for span in _spans(self.tau):
                     torch.abs(self.masked(span, absolute[span]), out=absolute[span])
@@ -426,8 +429,13 @@ class _Sparsified:
                 row.copy_(target)
 
 
-def _on_threads(work: Callable[[slice], None], spans: list[slice]) -> None:
-    """Run a nogil kernel over the spans of a tensor, on every core."""
+def _on_threads(work: Callable[[slice], None], numel: int) -> None:
+    """Run a nogil kernel over a tensor's elements, split into a few spans per core: one
+    dispatch costs tens of microseconds, as much as a 256 K-element span of a kernel."""
+    threads = torch.get_num_threads()
+    parts = max(1, min(2 * threads, numel // KERNEL_MIN_SPAN))
+    step = -(-numel // parts)
+    spans = [slice(start, min(numel, start + step)) for start in range(0, numel, step)] or [slice(0, 0)]
     if len(spans) == 1:
         work(spans[0])
     else:

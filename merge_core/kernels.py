@@ -134,3 +134,11 @@ def task_arithmetic(start, stop, base, out, taus, ranks, kinds, limits, keys, fa
         for j in range(width):
             target[j] = origin[j] + total[j]
 
+
+
+@njit(**_JIT)
+def slerp(start, stop, v0, v1, coefficient0, coefficient1, out) -> None:
+    """out[start:stop] = (coefficient0 * v0) + (coefficient1 * v1): mergekit's slerp in fp32."""
+    a, b, target = v0[start:stop], v1[start:stop], out[start:stop]
+    for j in range(target.size):
+        target[j] = a[j] * coefficient0 + b[j] * coefficient1

@@ -59,10 +59,12 @@ def build(parents: Parents, config: dict, fast: bool, seed: int = 0) -> dict[str
 
 @pytest.fixture(params=["default", "1000-element-blocks", "gpu-layout"])
 def block(request, monkeypatch):
-    """Pico tensors fit in one default CPU block, so also split them; and walk whole tensors
-    however small the CPU block is, as the fast paths do on a GPU."""
+    """Pico tensors fit in one default CPU block and in one kernel span, so also split them (torch
+    blocks and kernel spans of 1000 elements); and walk whole tensors however small the CPU block
+    is, as the fast paths do on a GPU."""
     if request.param != "default":
         monkeypatch.setattr("merge_core.fast.CPU_BLOCK", 1000)
+        monkeypatch.setattr("merge_core.fast.KERNEL_MIN_SPAN", 1000)
     if request.param == "gpu-layout":
         monkeypatch.setattr("merge_core.fast._block", lambda numel, device: max(1, numel))
 
