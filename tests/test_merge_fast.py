@@ -212,3 +212,46 @@ def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():
     piece = np.empty(777, dtype=np.uint8)
     kernels.keep_mask(99, kernels.threshold(0.4), 4321, piece)
     assert np.array_equal(piece, whole[4321:4321 + 777])
+
+
+def many_parents(zoo: Path, folder: Path, count: int) -> tuple[Parents, list[str]]:
+    """The base and ``count`` fine-tunes: folders linking to one specialist's files, each given
+    its own task vector in memory (scaled and shifted so that signs disagree)."""
+    names = []
+    for index in range(count):
+        name = folder / f"tuned-{index}"
+        name.mkdir()
+        for file in (zoo / "specialist-gsm8k").iterdir():
+            (name / file.name).symlink_to(file)
+        names.append(str(name))
+    stored = Parents([Parent.open(zoo / "base"), *(Parent.open(name) for name in names)])
+    stored.load()
+    generator = torch.Generator().manual_seed(0)
+    base = stored[zoo / "base"].tensors
+    for index, name in enumerate(names):
+        tensors = stored[name].tensors
+        for key, value in base.items():
+            noise = torch.randn(value.shape, generator=generator) * 1e-2 * (index + 1)
+            tensors[key] = value + noise
+    return stored, names
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_twenty_models_sum_in_torchs_order(method, pico_zoo, tmp_path, block):
+    """Past 16 models torch sums a [models, n] tensor over dim 0 in a cascade, not in row order."""
+    stored, names = many_parents(pico_zoo, tmp_path, 20)
+    config = {"merge_method": method, "base_model": str(pico_zoo / "base"), "models": [
+        {"model": name, "parameters": {"weight": 0.1 + 0.05 * index - 0.5 * (index == 3), "density": 0.7}}
+        for index, name in enumerate(names)]}
+    engine = Engine(stored)
+    engine.build(config, seed=7)
+    ours = weights(engine)
+    plan = engine.plan(config)
+    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], 7, job, source.model,
+                            torch.device("cpu"))
+                  for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
+    with mock.patch("mergekit.sparsify.torch.bernoulli",
+                    side_effect=lambda probabilities, *a, **k: next(masks).to(probabilities.dtype)):
+        mergekit = build(stored, config, fast=False, seed=7)
+    for tensor, value in mergekit.items():
+        assert torch.equal(ours[tensor], value), tensor
