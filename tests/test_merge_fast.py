@@ -136,26 +136,32 @@ def test_sign_consensus_breaks_exact_cancellations_towards_plus_as_mergekit(pico
     assert moved > 0
 
 
-@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "dare_linear_fp16", "dare_ties_bf16"])
-def test_dare_fast_path_equals_mergekit_given_the_same_masks(name, parents, pico_zoo, block):
-    """fp32 runs the fused kernels; fp16 and bf16 run torch ops on the CPU's masks."""
-    config = variant(pico_zoo, name)
+def assert_equals_mergekit_given_the_same_masks(parents: Parents, config: dict, seed: int = 7) -> None:
+    """Our fast path against mergekit's API, with mergekit's torch.bernoulli handed our DARE masks
+    (ignored by methods without random masks)."""
     engine = Engine(parents)
-    engine.build(config, seed=7)
+    engine.build(config, seed=seed)
     ours = weights(engine)
     plan = engine.plan(config)
-    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], 7, job, source.model,
+    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], seed, job, source.model,
                             torch.device("cpu"))
                   for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
 
     def same_masks(probabilities: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return next(masks).to(probabilities.dtype)
 
-    with mock.patch("mergekit.sparsify.torch.bernoulli", side_effect=same_masks):
-        mergekit = build(parents, config, fast=False, seed=7)
-    assert next(masks, None) is None  # mergekit drew exactly one mask per task vector
+    with mock.patch("mergekit.sparsify.torch.bernoulli", side_effect=same_masks) as bernoulli:
+        mergekit = build(parents, config, fast=False, seed=seed)
+    if bernoulli.called:
+        assert next(masks, None) is None  # mergekit drew exactly one mask per task vector
     for tensor, value in mergekit.items():
         assert torch.equal(ours[tensor], value), tensor
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "dare_linear_fp16", "dare_ties_bf16"])
+def test_dare_fast_path_equals_mergekit_given_the_same_masks(name, parents, pico_zoo, block):
+    """fp32 runs the fused kernels; fp16 and bf16 run torch ops on the CPU's masks."""
+    assert_equals_mergekit_given_the_same_masks(parents, variant(pico_zoo, name))
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -243,15 +249,4 @@ def test_twenty_models_sum_in_torchs_order(method, pico_zoo, tmp_path, block):
     config = {"merge_method": method, "base_model": str(pico_zoo / "base"), "models": [
         {"model": name, "parameters": {"weight": 0.1 + 0.05 * index - 0.5 * (index == 3), "density": 0.7}}
         for index, name in enumerate(names)]}
-    engine = Engine(stored)
-    engine.build(config, seed=7)
-    ours = weights(engine)
-    plan = engine.plan(config)
-    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], 7, job, source.model,
-                            torch.device("cpu"))
-                  for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
-    with mock.patch("mergekit.sparsify.torch.bernoulli",
-                    side_effect=lambda probabilities, *a, **k: next(masks).to(probabilities.dtype)):
-        mergekit = build(stored, config, fast=False, seed=7)
-    for tensor, value in mergekit.items():
-        assert torch.equal(ours[tensor], value), tensor
+    assert_equals_mergekit_given_the_same_masks(stored, config)
