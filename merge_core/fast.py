@@ -8,10 +8,10 @@ parameters into a per-study cache:
   top-k count k = max(1, int(density * numel)) and mergekit's own tie order (its argsort);
 - L1 norms of the task vectors (DARE rescale numerator);
 - SLERP norms and normalized dot products, so a new t costs one fused pass.
-TIES and DARE in fp32 on the CPU run as one fused pass per tensor (merge_core.kernels); the rest
-runs torch ops, a cache-sized block at a time on the CPU. DARE masks are drawn from a generator
-seeded by (trial seed, tensor, model): the same config and seed give the same weights whatever
-order tensors are built in.
+SLERP and the task-arithmetic family in fp32 on the CPU run as one fused pass per tensor
+(merge_core.kernels); the rest runs torch ops, a cache-sized block at a time on the CPU. DARE
+masks are drawn from a generator seeded by (trial seed, tensor, model): the same config and seed
+give the same weights whatever order tensors are built in.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 from mergekit import merge_methods
@@ -35,7 +35,7 @@ FAST_METHODS = frozenset({"linear", "slerp", "task_arithmetic", "ties", "dare_ti
 _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for identical norms
 _RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor's eps
 CPU_BLOCK = 1 << 18  # elements per torch block on the CPU (1 MiB in fp32): a block of every model stays in cache
-KERNEL_MIN_SPAN = 1 << 16  # elements: a tensor under this runs its kernel on the calling thread
+KERNEL_MIN_SPAN = 1 << 16  # elements: a tensor under this runs its kernel on one thread
 
 
 def tensor_seed(seed: int, *names: str) -> int:
@@ -154,6 +154,12 @@ def _fused(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+def _parts(numel: int) -> int:
+    """Spans a kernel splits a tensor into: a few per numba thread (one dispatch costs little next
+    to a span), one for a tensor under KERNEL_MIN_SPAN elements."""
+    return max(1, min(2 * numba.get_num_threads(), numel // KERNEL_MIN_SPAN))
+
+
 def _store(result: torch.Tensor, out: torch.Tensor) -> None:
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
@@ -192,8 +198,7 @@ def slerp(job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, out: to
     result = out.view(-1) if direct else torch.empty(v0.numel(), dtype=dtype, device=v0.device)
     a, b = v0.reshape(-1), v1.reshape(-1)
     if _fused(v0.device, v0.dtype):
-        _on_threads(lambda span: kernels.slerp(span.start, span.stop, a.numpy(), b.numpy(), np.float32(coef_a),
-                                               np.float32(coef_b), result.numpy()), a.numel())
+        kernels.slerp(a.numpy(), b.numpy(), np.float32(coef_a), np.float32(coef_b), result.numpy(), _parts(a.numel()))
     else:
         spans = _spans(a)
         term = cache.scratch.get("slerp-term", spans[0].stop, dtype)
@@ -301,10 +306,9 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
         limits = np.array([p.limit for p in parts], dtype=np.int64)
         keys = np.array([p.key for p in parts], dtype=np.uint64)
         factors = np.array([p.factor for p in parts], dtype=np.float32)
-        _on_threads(lambda span: kernels.task_arithmetic(
-            span.start, span.stop, flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys,
-            factors, weights.reshape(-1).numpy(), consensus, normalize, np.float32(divisor.item()),
-            np.float32(scale)), flat_base.numel())
+        kernels.task_arithmetic(flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys, factors,
+                                weights.reshape(-1).numpy(), consensus, normalize, np.float32(divisor.item()),
+                                np.float32(scale), _parts(flat_base.numel()))
     else:
         _torch_blocks(parts, weights, consensus, normalize, scale, flat_base, flat_out, cache.scratch)
     if not direct:
@@ -391,9 +395,8 @@ class _Sparsified:
         if job.shared["rescale"]:  # mergekit's rescaled_masked_tensor: L1 sums over whole tensors
             absolute = self.scratch.get("abs", numel, self.work_dtype)
             if fused:
-                _on_threads(lambda span: kernels.masked_abs(
-                    self.tau.numpy(), self.ranks.numpy(), self.kind, self.limit, self.key, span.start, span.stop,
-                    absolute.numpy()), numel)
+                kernels.masked_abs(self.tau.numpy(), self.ranks.numpy(), self.kind, self.limit, self.key,
+                                   absolute.numpy(), _parts(numel))
             else:
                 for span in _spans(self.tau):
                     torch.abs(self.masked(span, absolute[span]), out=absolute[span])
@@ -427,26 +430,3 @@ class _Sparsified:
                 target.mul_(self.factor)
             if target is not row:
                 row.copy_(target)
-
-
-def _on_threads(work: Callable[[slice], None], numel: int) -> None:
-    """Run a nogil kernel over a tensor's elements, split into a few spans per core: one
-    dispatch costs tens of microseconds, as much as a 256 K-element span of a kernel."""
-    threads = torch.get_num_threads()
-    parts = max(1, min(2 * threads, numel // KERNEL_MIN_SPAN))
-    step = -(-numel // parts)
-    spans = [slice(start, min(numel, start + step)) for start in range(0, numel, step)] or [slice(0, 0)]
-    if len(spans) == 1:
-        work(spans[0])
-    else:
-        list(_pool().map(work, spans))
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fused-kernels")
-    return _POOL
-
-
-_POOL: ThreadPoolExecutor | None = None

@@ -15,7 +15,7 @@ so every pass and every thread recomputes the same mask.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 NONE, MAGNITUDE, RANDOM, ZERO = 0, 1, 2, 3  # how a task vector is sparsified
 TILE = 4096  # elements per tile: every model's tile and the accumulators stay in L1/L2
@@ -23,7 +23,8 @@ TILE = 4096  # elements per tile: every model's tile and the accumulators stay i
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment and its two mixing multipliers
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy"}  # numpy errors: no zero-division branch
+_JIT = {"nogil": True, "error_model": "numpy"}  # numpy errors: no zero-division branch
+_PARALLEL = {**_JIT, "cache": True, "parallel": True}
 
 
 def threshold(density: float) -> int:
@@ -40,7 +41,7 @@ def _draw(key: np.uint64, index: np.uint64) -> np.uint64:
     return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
 
 
-@njit(**_JIT)
+@njit(**_JIT, cache=True)
 def keep_mask(key: int, cut: int, start: int, out: np.ndarray) -> None:
     """out[j] = 1 if element start + j is kept, else 0 (the DARE mask, any dtype)."""
     key, cut, first = np.uint64(key), np.uint64(cut), np.uint64(start)
@@ -70,9 +71,17 @@ def _sparsify(tau, ranks, kind, limit, key, start, row):
             row[j] = tau[j] * (one if _draw(key, first + np.uint64(j)) < cut else zero)
 
 
+@njit(**_PARALLEL)
+def masked_abs(tau, ranks, kind, limit, key, out, parts) -> None:
+    """out = |tau * mask| (the numerator of a rescale's L1 sum, which torch then takes), in
+    ``parts`` spans on numba's threads, as every kernel here."""
+    step = (tau.size + parts - 1) // parts
+    for part in prange(parts):
+        _masked_abs(tau, ranks, kind, limit, key, part * step, min(tau.size, (part + 1) * step), out)
+
+
 @njit(**_JIT)
-def masked_abs(tau, ranks, kind, limit, key, start, stop, out) -> None:
-    """out[start:stop] = |tau * mask| (the numerator of a rescale's L1 sum, which torch then takes)."""
+def _masked_abs(tau, ranks, kind, limit, key, start, stop, out) -> None:
     for lo in range(start, stop, TILE):
         hi = min(lo + TILE, stop)
         row = out[lo:hi]
@@ -120,9 +129,19 @@ def _total(levels, width):
     return total
 
 
+@njit(**_PARALLEL)
+def task_arithmetic(base, out, taus, ranks, kinds, limits, keys, factors, weights, consensus, normalize,
+                    divisor, scale, parts) -> None:
+    """out = mergekit's GeneralizedTaskArithmeticMerge of base and the task vectors ``taus``."""
+    step = (base.size + parts - 1) // parts
+    for part in prange(parts):
+        _task_arithmetic(part * step, min(base.size, (part + 1) * step), base, out, taus, ranks, kinds, limits,
+                         keys, factors, weights, consensus, normalize, divisor, scale)
+
+
 @njit(**_JIT)
-def task_arithmetic(start, stop, base, out, taus, ranks, kinds, limits, keys, factors, weights,
-                    consensus, normalize, divisor, scale) -> None:
+def _task_arithmetic(start, stop, base, out, taus, ranks, kinds, limits, keys, factors, weights,
+                     consensus, normalize, divisor, scale) -> None:
     """out[start:stop] = mergekit's GeneralizedTaskArithmeticMerge over the same elements.
 
     Per element, in mergekit's order: d_i = w_i * sparsified tau_i; with sign consensus, the sign
@@ -181,9 +200,12 @@ def task_arithmetic(start, stop, base, out, taus, ranks, kinds, limits, keys, fa
             target[j] = origin[j] + total[j]
 
 
-@njit(**_JIT)
-def slerp(start, stop, v0, v1, coefficient0, coefficient1, out) -> None:
-    """out[start:stop] = (coefficient0 * v0) + (coefficient1 * v1): mergekit's slerp in fp32."""
-    a, b, target = v0[start:stop], v1[start:stop], out[start:stop]
-    for j in range(target.size):
-        target[j] = a[j] * coefficient0 + b[j] * coefficient1
+@njit(**_PARALLEL)
+def slerp(v0, v1, coefficient0, coefficient1, out, parts) -> None:
+    """out = (coefficient0 * v0) + (coefficient1 * v1): mergekit's slerp in fp32."""
+    step = (out.size + parts - 1) // parts
+    for part in prange(parts):
+        lo, hi = part * step, min(out.size, (part + 1) * step)
+        a, b, target = v0[lo:hi], v1[lo:hi], out[lo:hi]  # slices: indexes from 0 vectorize
+        for j in range(target.size):
+            target[j] = a[j] * coefficient0 + b[j] * coefficient1
