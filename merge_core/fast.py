@@ -240,6 +240,8 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
     def need(slot: str, nbytes: int) -> None:
         slots[slot] = max(slots.get(slot, 0), nbytes)
 
+    method = merge_methods.get(plan.method)
+    kind = getattr(method, "sparsification_method", None)  # slerp has none
     for job in plan.jobs:
         first = job.sources[0]
         dtype = job.in_dtype or parents[first.model].headers[first.tensor].dtype
@@ -252,8 +254,6 @@ def footprint(plan: MergePlan, parents: Parents) -> tuple[int, int]:
             continue
         models = len(job.sources) - (job.base is not None)
         values += models * numel * (size + (4 if plan.method == "ties" else 0))
-        method = merge_methods.get(plan.method)
-        kind = method.sparsification_method
         work = size if kind != SparsificationMethod.random else _dare_work_dtype(dtype, device).itemsize
         if kind is not None and job.shared.get("rescale"):
             values += models * work  # the L1 norms
@@ -298,25 +298,27 @@ def task_arithmetic_family(method_name: str, job: TensorJob, inputs: list[torch.
     flat_base = base.reshape(-1)
     direct = out.dtype == base.dtype and out.is_contiguous()
     flat_out = out.view(-1) if direct else torch.empty_like(flat_base)
+    total_weight = weights.sum(dim=0)  # the divisor when normalizing without a sign vote
+    total_weight[total_weight.abs() < 1e-8] = 1
     if fused:
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
         taus, ranks = List(p.tau.numpy() for p in parts), List(p.ranks.numpy() for p in parts)
         kinds = np.array([p.kind for p in parts], dtype=np.int64)
         limits = np.array([p.limit for p in parts], dtype=np.int64)
         keys = np.array([p.key for p in parts], dtype=np.uint64)
         factors = np.array([p.factor for p in parts], dtype=np.float32)
         kernels.task_arithmetic(flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys, factors,
-                                weights.reshape(-1).numpy(), consensus, normalize, np.float32(divisor.item()),
+                                weights.reshape(-1).numpy(), consensus, normalize, np.float32(total_weight.item()),
                                 np.float32(scale), _parts(flat_base.numel()))
     else:
-        _torch_blocks(parts, weights, consensus, normalize, scale, flat_base, flat_out, cache.scratch)
+        _torch_blocks(parts, weights, total_weight, consensus, normalize, scale, flat_base, flat_out,
+                      cache.scratch)
     if not direct:
         out.copy_(flat_out.reshape(out.shape))
 
 
-def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, consensus: bool, normalize: bool,
-                  scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor, scratch: Scratch) -> None:
+def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, total_weight: torch.Tensor, consensus: bool,
+                  normalize: bool, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor,
+                  scratch: Scratch) -> None:
     """The family in torch ops (GPUs; bf16, fp16, fp64 on the CPU), into reused buffers."""
     spans = _spans(flat_base)
     block, dtype = spans[0].stop, flat_base.dtype  # reused buffers: fresh ones cost page faults
@@ -345,9 +347,7 @@ def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, consensus: bo
                 divisor.masked_fill_(torch.eq(divisor, 0, out=zero_divisor[:width]), 1)
         else:
             mixed = torch.sum(deltas, dim=0, out=mixed_buffer[:width])
-            if normalize:
-                divisor = weights.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
+            divisor = total_weight
         if normalize:
             mixed /= divisor
         if scale != 1:

@@ -127,7 +127,7 @@ def test_capped_device_budget_streams_and_stays_under_it(method, pico_zoo, paren
 
 
 def test_a_budget_that_only_the_fast_path_scratch_exceeds_streams(pico_zoo, parents):
-    """DARE keeps a mask and a masked copy per model on the device: counted before deciding."""
+    """DARE's rescale keeps |tau x mask| of a whole tensor on the device: counted before deciding."""
     config = configs(pico_zoo)["dare_ties"]
     resident = Engine(parents)
     resident.build(config, seed=5)
