@@ -63,7 +63,9 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
         if not create and not path.is_file():
             raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        # absolute: Optuna's lock is a symlink to the path as given, so a relative one dangles, and the
+        # lock that a process killed mid-write leaves is then never broken: every later run would hang
+        return JournalStorage(JournalFileBackend(str(path.resolve())))
     except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
         raise StorageError(f"storage {spec or DEFAULT_JOURNAL}: {type(problem).__name__}: {problem}") from None
 

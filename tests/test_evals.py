@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from evals.harness import EvaluationFailed, Evaluator, TaskError, load_model
 from evals.objectives import Objective
 from evals.spec import TaskSpec
-from evals.stats import mcnemar_exact, paired_bootstrap
 from evals.tasks import include_path, load_items
 from search.cli import main
 

@@ -89,7 +89,7 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
     # SLERP is deterministic: mergekit-yaml on the exported YAML must give the exported weights
     reference = tmp_path / "mergekit"
     subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(out / "mergekit_config.yml"),
-                    str(reference)], check=True, env=ENV, capture_output=True)
+                    str(reference)], check=True, env=ENV, capture_output=True, timeout=600)
     ours, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -116,11 +116,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
         if any(t.state == TrialState.COMPLETE for t in trials) and running:
             os.kill(worker.pid, signal.SIGKILL)
             killed = running[0]
-    worker.wait()
+    worker.wait(timeout=600)  # no kill: the run finishes its four trials
     assert killed is not None, "the run ended before it could be killed mid-trial"
     assert _study(tmp_path).get_trials(deepcopy=False)[killed.number].state == TrialState.RUNNING
 
-    resumed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trials = _study(tmp_path).get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -138,6 +138,23 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
     states = {int(r.data.tags["soupsearch.trial"]): r.info.status for r in runs if "soupsearch.trial" in r.data.tags}
     assert states.pop(killed.number) == "FAILED"
     assert sorted(states) == sorted(t.number for t in complete) and set(states.values()) == {"FINISHED"}
+
+
+def test_journal_lock_left_by_a_process_killed_mid_write_is_broken_after_the_grace_period(tmp_path):
+    """The default journal path is relative; Optuna's lock is a symlink to that path, which dangled,
+    so a run after a kill mid-write spun forever instead of breaking the stale lock after 30 s."""
+    dies_holding_the_lock = ("import os; from search.study import open_storage; "
+                             "open_storage(None)._backend._lock.acquire(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", dies_holding_the_lock], cwd=tmp_path, env=ENV, check=True, timeout=120)
+    assert (tmp_path / ".soupsearch" / "journal.log.lock").is_symlink()
+    opens_the_study = ("import optuna; from search.study import open_storage; "
+                       "optuna.create_study(study_name='s', storage=open_storage(None)); print('created')")
+    started = time.monotonic()
+    after = subprocess.run([sys.executable, "-c", opens_the_study], cwd=tmp_path, env=ENV, capture_output=True,
+                           text=True, timeout=150)
+    assert after.returncode == 0 and after.stdout.strip() == "created", after.stderr[-2000:]
+    assert 30 <= time.monotonic() - started < 150  # Optuna's grace period, then on
+    assert not (tmp_path / ".soupsearch" / "journal.log.lock").is_symlink()
 
 
 def test_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(pico_zoo, tmp_path, monkeypatch, capsys):
@@ -187,12 +204,12 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32]},
                             study={"sampler": "random", "trials": 1})
     command = [sys.executable, "-m", "search.cli"]
-    subprocess.run([*command, "run", str(path)], cwd=tmp_path, env=ENV, check=True, capture_output=True)
+    subprocess.run([*command, "run", str(path)], cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600)
     # two workers started together on the study that `run` created
     workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "9"], cwd=tmp_path, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for worker in workers:
-        assert worker.wait() == 0, worker.stderr.read()[-2000:]
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-2000:]
     complete = _study(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert 9 <= len(complete) <= 10  # each stops at 9; both may finish the last one at once
     assert len({t.user_attrs["owner"] for t in complete}) == 3
@@ -217,7 +234,7 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
             runs = json.load(answer)["runs"]
     finally:
         os.killpg(dashboard.pid, signal.SIGTERM)
-        dashboard.wait()
+        dashboard.wait(timeout=60)
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r["info"]["run_id"] for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
     assert len(parents) == 1
