@@ -208,8 +208,9 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     # two workers started together on the study that `run` created
     workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "9"], cwd=tmp_path, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for worker in workers:
-        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-2000:]
+    for worker in workers:  # communicate: a full stderr pipe must not block a worker
+        _, errors = worker.communicate(timeout=600)
+        assert worker.returncode == 0, errors[-2000:]
     complete = _study(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert 9 <= len(complete) <= 10  # each stops at 9; both may finish the last one at once
     assert len({t.user_attrs["owner"] for t in complete}) == 3
