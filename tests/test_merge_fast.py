@@ -221,7 +221,7 @@ def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():
 
 def many_parents(zoo: Path, folder: Path, count: int) -> tuple[Parents, list[str]]:
     """The base and ``count`` fine-tunes: folders linking to one specialist's files, each given
-    its own task vector in memory (scaled and shifted so that signs disagree)."""
+    its own task vector in memory (random noise, larger for each, so that signs disagree)."""
     names = []
     for index in range(count):
         name = folder / f"tuned-{index}"
