@@ -240,7 +240,7 @@ def resolve_model(reference: str, load: bool = True) -> Path | str:
             return reference
         from search.zoo.build import open_zoo
 
-        return open_zoo(variant, progress=False) / model
+        return open_zoo(variant) / model  # a first use trains the zoo (minutes), with its progress bar
     folder = Path(reference).expanduser()
     if folder.exists() or reference.startswith((".", "/", "~")):
         if not (folder / "config.json").is_file():
