@@ -27,18 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 
 from evals.spec import TaskSpec
 from evals.splits import ItemSplits, split_items
 from evals.stats import mean_ci
 from evals.tasks import BUNDLED_TASKS, cache_root, include_path
+from user_input import UserError
 
 FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default for the few-shot sampler
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task that cannot be loaded or scored as asked; the message names it and says what to do."""
 
 
@@ -114,6 +114,14 @@ class EvalResult(Mapping[str, TaskScore]):
             "tasks": {name: dataclasses.asdict(score) for name, score in self.scores.items()},
         }
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> EvalResult:
+        """The evaluation that ``record()`` wrote, per-item scores and all."""
+        given = [f.name for f in dataclasses.fields(TaskScore) if f.init]
+        scores = {name: TaskScore(**{key: score[key] for key in given}) for name, score in record["tasks"].items()}
+        return cls(record["split"], scores, record["seconds"], record["model_seconds"], record["batch_size"],
+                   record["error"])
+
     def extended(self, more: EvalResult) -> EvalResult:
         """This evaluation followed by ``more``, a later stretch of the same split's order: the
         scores of the longer prefix, without scoring this one's items again."""
@@ -146,6 +154,8 @@ class _ModelClock:
     """Seconds spent in the model's own forward passes and generate; the rest is our overhead."""
 
     def __init__(self, lm) -> None:
+        import torch  # here: reading scores back and checking task names need no torch
+
         self.seconds = 0.0
         self._sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
         for name in ("_model_generate", "_model_call"):
@@ -239,17 +249,25 @@ def task_manager(bundled: str, with_defaults: bool):
     return TaskManager(include_path=bundled, include_defaults=with_defaults)
 
 
-def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
-    """Every spec's lm-eval Task, configured."""
+def known_tasks(specs: Sequence[TaskSpec]):
+    """lm-eval's task manager, once every spec is known to name one task, listed once: a check
+    that loads no dataset, so a search makes it before any work."""
     names = [spec.task for spec in specs]
     if len(set(names)) != len(names):
         raise TaskError(f"a task is listed twice: {names}")
     manager = task_manager(str(include_path()), any(name not in BUNDLED_TASKS for name in names))
-    tasks = {}
     for spec in specs:
         if spec.task not in manager.all_subtasks:
             kind = "a group or tag; list its tasks one by one" if spec.task in manager.all_tasks else "unknown to lm-eval"
             raise TaskError(f"task {spec.task!r} is {kind} (bundled tasks: {', '.join(BUNDLED_TASKS)})")
+    return manager
+
+
+def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
+    """Every spec's lm-eval Task, configured."""
+    manager = known_tasks(specs)
+    tasks = {}
+    for spec in specs:
         try:
             loaded = manager.load([_local_copy(spec, manager) if spec.data_files else spec.task])["tasks"]
         except OSError as err:  # datasets raises ConnectionError/FileNotFoundError when the hub is out of reach
@@ -262,6 +280,12 @@ def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
                 f"task {spec.task!r} reads split {err}, which its data_files lack (lm-eval draws few-shot "
                 f"examples from it): add --data {spec.task}:{err.args[0]}=FILE, or {err.args[0]}: FILE to data_files"
             ) from err
+        except Exception as err:  # a damaged file, or rows without the fields the task's prompt reads
+            if not spec.data_files:
+                raise
+            files = ", ".join(str(path) for path in spec.data_files.values())
+            raise TaskError(f"task {spec.task!r}: data_files {files} do not load as its dataset "
+                            f"({type(err).__name__}: {' '.join(str(err).split())})") from None
         tasks[spec.task] = loaded[spec.task]
         _configure(tasks[spec.task], spec)
     return tasks
@@ -434,7 +458,11 @@ class Evaluator:
         ]
 
     def _probe_batch_size(self, requests: list) -> int:
-        """lm-eval's own OOM-halving probe, run once: the first evaluation's longest prompt plus its budget."""
+        """lm-eval's own OOM-halving probe, run once: the first evaluation's longest prompt plus its
+        budget. On the CPU it is skipped: it would take its first try, the largest batch, after five
+        forward passes (seconds per process), since memory there is overcommitted, not refused."""
+        if self.lm.device.type == "cpu":
+            return self.lm.max_batch_size
 
         def tokens(instance) -> int:
             text = "".join(a for a in instance.args if isinstance(a, str))
@@ -474,7 +502,7 @@ class Evaluator:
             self.lm.batch_size_per_gpu = self.batch_size
         start, self._clock.seconds = time.perf_counter(), 0.0
         try:
-            self._check_finite_weights()
+            check_finite(self.lm.model)
             for name in names:
                 _serve(self.tasks[name], requests[name])
             results = evaluate(
@@ -499,16 +527,20 @@ class Evaluator:
                 raise FloatingPointError(f"task {name!r}: {metric} is {value} on doc {doc_id}")
         return TaskScore(name, split, self.metrics[name], ids, [by_doc[d] for d in ids])
 
-    def _check_finite_weights(self) -> None:
-        params = dict(self.lm.model.named_parameters())
-        if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
-            bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
-            raise FloatingPointError(f"non-finite weights in {bad}")
+
+def check_finite(model) -> None:
+    """FloatingPointError naming the first parameter that holds NaN or Inf."""
+    import torch
+
+    params = dict(model.named_parameters())
+    if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
+        bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+        raise FloatingPointError(f"non-finite weights in {bad}")
 
 
 def load_model(model_dir: Path, device: str = "cpu"):
-    """A saved HF model folder and its tokenizer, ready for an Evaluator."""
+    """A saved HF model folder and its tokenizer, ready for an Evaluator; weights from safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evals.harness import TaskScore
+if TYPE_CHECKING:  # an experiment file is read without loading torch through the harness
+    from evals.harness import TaskScore
 
 
 class Objective(BaseModel):
@@ -31,3 +33,6 @@ class Objective(BaseModel):
         """Raises EvaluationFailed when ``scores`` is a failed EvalResult, KeyError for a missing task."""
         return sum(w * scores[task].mean for task, w in self.weights.items()) / sum(self.weights.values())
 
+    def means(self, scores: Mapping[str, TaskScore]) -> list[float]:
+        """Each weighted task's mean, in the weights' order: what a multi-objective study maximizes."""
+        return [scores[task].mean for task in self.weights]

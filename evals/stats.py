@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 Z95 = 1.959963984540054
@@ -54,7 +54,7 @@ def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    mean: float  # mean of A - B over the items
+    mean: float  # mean of A - B over the items (a weighted mean of per-task means when stratified)
     ci_low: float
     ci_high: float
     p_value: float  # two-sided: twice the smaller share of resampled means on either side of 0
@@ -64,13 +64,35 @@ def paired_bootstrap(
     a: Sequence[float], b: Sequence[float], iters: int = 10_000, seed: int = 0, level: float = 0.95
 ) -> PairedDifference:
     """Percentile bootstrap of mean(A - B), resampling items (not scores) so pairs stay together."""
+    return stratified_paired_bootstrap({"": a}, {"": b}, {"": 1.0}, iters, seed, level)
+
+
+def stratified_paired_bootstrap(
+    a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], weights: Mapping[str, float],
+    iters: int = 10_000, seed: int = 0, level: float = 0.95,
+) -> PairedDifference:
+    """Percentile bootstrap of ``sum_t w_t * mean_t(A - B) / sum_t w_t`` over tasks t: a weighted
+    objective's paired difference between two models scored on the same items.
+
+    Stratified: each resample draws every task's items from that task alone, with replacement and
+    as many as it has, keeping each item's A and B scores together; the resampled per-task mean
+    differences are combined with the weights. With one task this is the plain paired bootstrap.
+    The interval holds the central ``level`` share of the resampled differences.
+    """
     import numpy as np
 
-    _paired(a, b)
-    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if set(a) != set(weights) or set(b) != set(weights):
+        raise ValueError(f"scores for tasks {sorted(a)} and {sorted(b)} do not match the weights' {sorted(weights)}")
+    total = sum(weights.values())
+    diffs = {}
+    for task in weights:
+        _paired(a[task], b[task])
+        diffs[task] = np.asarray(a[task], dtype=float) - np.asarray(b[task], dtype=float)
     rng = np.random.default_rng(seed)
     chunks = [min(1000, iters - start) for start in range(0, iters, 1000)]  # bounded memory
-    means = np.concatenate([diffs[rng.integers(0, len(diffs), (k, len(diffs)))].mean(1) for k in chunks])
+    means = np.concatenate([sum(w / total * diffs[t][rng.integers(0, len(diffs[t]), (k, len(diffs[t])))].mean(1)
+                                for t, w in weights.items()) for k in chunks])
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     p_value = min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0)))
-    return PairedDifference(float(diffs.mean()), float(low), float(high), float(p_value))
+    mean = sum(w / total * diffs[t].mean() for t, w in weights.items())
+    return PairedDifference(float(mean), float(low), float(high), float(p_value))

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from mergekit import merge_methods
 from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from merge_core.errors import MergeInputError
+from user_input import one_line, parse_yaml, read_text
 
 ConfigSource = str | Path | Mapping[str, Any] | MergeConfiguration
 
@@ -27,13 +27,17 @@ def load_config(source: ConfigSource) -> MergeConfiguration:
         path = Path(source)
         if not path.is_file():
             raise MergeInputError(f"config file {path} does not exist")
-        source = path.read_text()
-    raw = yaml.safe_load(source) if isinstance(source, str) else dict(source)
+        raw = parse_yaml(read_text(path), str(path))
+    else:
+        raw = parse_yaml(source, "merge config") if isinstance(source, str) else source
     if not isinstance(raw, Mapping):
         raise MergeInputError("a merge config must be a mapping with merge_method and models/slices")
     try:
-        config = MergeConfiguration.model_validate(raw)
-    except (ValidationError, RuntimeError) as problem:
+        # mergekit's own schema, with unknown keys refused: pydantic would drop a misspelt key silently
+        config = MergeConfiguration.model_validate(dict(raw), extra="forbid")
+    except ValidationError as problem:
+        raise MergeInputError(f"invalid merge config: {one_line(problem)}") from None
+    except RuntimeError as problem:
         raise MergeInputError(f"invalid merge config: {problem}") from None
     check_method(config.merge_method)
     for key in ("dtype", "out_dtype"):

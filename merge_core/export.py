@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mergekit.card import generate_card
@@ -17,18 +19,20 @@ from merge_core.engine import BuildReport, Engine
 from merge_core.errors import MergeInputError
 from merge_core.parents import Parents
 from merge_core.planner import MergePlan
+from user_input import parse_yaml, read_text
+
+LOG = logging.getLogger(__name__)
 
 
 def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = "cpu",
                     seed: int = 0) -> BuildReport:
     """`mergekit-yaml CONFIG OUT_DIR`, built by the engine; nothing is left behind on failure."""
-    text = Path(config_file).read_text() if Path(config_file).is_file() else None
-    if text is None:
+    path, out = Path(config_file), Path(out_dir)
+    if not path.is_file():
         raise MergeInputError(f"config file {config_file} does not exist")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeInputError(f"output folder {out} already exists and is not empty")
-    config = load_config(text)
+    text = read_text(path)
+    config = load_config(parse_yaml(text, str(path)))
+    check_out_dir(out)
     parents = Parents.open([str(model) for model in config.referenced_models()], device)
     engine = Engine(parents)
     plan = engine.plan(config)
@@ -44,6 +48,17 @@ def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = 
     return report
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an output folder that is not empty or cannot be written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeInputError(f"output folder {out} already exists and is not empty")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.parent).cleanup()  # what os.access cannot tell: root, read-only mounts
+    except OSError as problem:
+        raise MergeInputError(f"output folder {out}: cannot write there ({problem.strerror})") from None
+
+
 def write_folder(engine: Engine, plan: MergePlan, merge_config: MergeConfiguration, text: str,
                  folder: Path, name: str) -> None:
     """Safetensors shards, config.json, tokenizer and model card, laid out as mergekit does."""
@@ -56,6 +71,11 @@ def write_folder(engine: Engine, plan: MergePlan, merge_config: MergeConfigurati
     (folder / "README.md").write_text(generate_card(config=merge_config, config_yaml=text,
                                                     name=name), encoding="utf-8")
     (folder / "mergekit_config.yml").write_text(text, encoding="utf-8")
-    # mergekit's own copier, so the same files come from the same donor (base_model or first model)
-    _copy_tokenizer(merge_config, str(folder), options=options)
+    # mergekit's own copier, so the same files come from the same donor (base_model or first model);
+    # like mergekit-yaml, a donor without tokenizer files still gets its merge written, with a warning
+    try:
+        _copy_tokenizer(merge_config, str(folder), options=options)
+    except Exception as problem:  # noqa: BLE001 -- mergekit-yaml catches every failure here too
+        LOG.warning("merge %s is written without a tokenizer: copying the donor's failed (%s: %s)",
+                    name, type(problem).__name__, " ".join(str(problem).split()))
 

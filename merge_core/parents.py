@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from merge_core.errors import MergeInputError
+from merge_core.errors import MergeInputError, ParentError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -47,21 +46,32 @@ class Parent:
 
     @classmethod
     def open(cls, path: str | Path) -> Parent:
+        """The folder's config and tensor headers; safetensors parses each header and checks that the
+        file covers every tensor, so a truncated or damaged file is refused here, by name."""
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise MergeInputError(f"model {path}: no config.json there (missing parent?)")
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise MergeInputError(f"model {path}: no .safetensors weights found")
+            others = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
+            raise MergeInputError(f"model {path}: no .safetensors weights (found {', '.join(others)}); weights "
+                                  "load from safetensors only, never from pickled .bin files")
         headers = {}
         for file in files:
-            with open(file, "rb") as stream:
-                size = int.from_bytes(stream.read(8), "little")
-                meta = json.loads(stream.read(size))
-            for name, info in meta.items():
-                if name != "__metadata__":
-                    headers[name] = TensorHeader(tuple(info["shape"]), _DTYPES[info["dtype"]], file)
-        return cls(model_key(path), AutoConfig.from_pretrained(folder), headers)
+            try:
+                with safe_open(file, framework="pt") as reader:
+                    for name in reader.keys():
+                        info = reader.get_slice(name)
+                        headers[name] = TensorHeader(tuple(info.get_shape()), _DTYPES[info.get_dtype()], file)
+            except (SafetensorError, KeyError) as problem:
+                raise MergeInputError(f"model {path}: {file.name} is not a readable safetensors file "
+                                      f"({type(problem).__name__}: {problem})") from None
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as problem:  # not JSON, or no model_type transformers knows
+            raise MergeInputError(f"model {path}: config.json is not a usable model config "
+                                  f"({' '.join(str(problem).split())})") from None
+        return cls(model_key(path), config, headers)
 
     @property
     def nbytes(self) -> int:
@@ -72,14 +82,16 @@ class Parent:
         by_file: dict[Path, list[str]] = {}
         for name, header in self.headers.items():
             by_file.setdefault(header.file, []).append(name)
+        tensors = {}  # kept only once all are read: a half-loaded parent would pass for a loaded one
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as reader:
                 for name in names:
                     tensor = reader.get_tensor(name)
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise MergeInputError(f"model {self.key}: tensor {name} contains NaN or Inf")
+                        raise ParentError(f"model {self.key}: tensor {name} contains NaN or Inf")
                     tensor = tensor.pin_memory() if pin else tensor
-                    self.tensors[name] = tensor.to(device)
+                    tensors[name] = tensor.to(device)
+        self.tensors = tensors
 
 
 class Parents:

@@ -1,4 +1,4 @@
-"""The ``soupsearch`` command line. Exit codes: 0 ok, 2 bad input, 1 any other failure."""
+"""The ``soupsearch`` command line. Exit codes: 0 ok, 2 bad input (any UserError), 1 any other failure."""
 
 from __future__ import annotations
 
@@ -8,67 +8,96 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from search import output
+from user_input import UserError, one_line
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class BadInput(Exception):
-    """A user error; the message names the offending file, key, model or tensor."""
-
-
 def _zoo_build(args: argparse.Namespace) -> int:
     from search.zoo.build import build_zoo, open_zoo
-    from search.zoo.recipe import RECIPES
+    from search.zoo.recipe import recipe_for
 
-    folder = build_zoo(RECIPES[args.variant]) if args.force else open_zoo(args.variant)
+    if args.train:
+        folder = build_zoo(recipe_for(args.variant, args.seed))
+    else:
+        folder = open_zoo(args.variant, seed=args.seed)
     print(f"zoo {args.variant}: {folder}")
     return EXIT_OK
 
 
 def _zoo_verify(args: argparse.Namespace) -> int:
-    from search.zoo.build import ZooError, verify, zoo_dir
-    from search.zoo.recipe import RECIPES
+    from search.zoo.build import LOCK, ZooError, differences, verify, weights_digest, zoo_dir
+    from search.zoo.recipe import recipe_for
 
-    folder = zoo_dir(RECIPES[args.variant])
+    recipe = recipe_for(args.variant, args.seed)
+    folder = zoo_dir(recipe)
     try:
         manifest = verify(folder)
+        different = differences(recipe, manifest)
     except ZooError as problem:
-        raise BadInput(f"{problem}; run `soupsearch zoo build --variant {args.variant}`") from None
-    print(f"zoo {args.variant}: {len(manifest['files'])} files intact in {folder}")
+        raise UserError(f"{problem}; run `soupsearch zoo build --variant {args.variant}`") from None
+    if different:
+        print(f"zoo {args.variant}: {folder} ({manifest.get('source', 'trained')}) differs from the published zoo "
+              f"in {len(different)} of {len(manifest['files'])} files: {', '.join(different[:6])}"
+              f"{' ...' if len(different) > 6 else ''}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"zoo {args.variant}: {len(manifest['files'])} files in {folder} equal the published zoo "
+          f"(weights {weights_digest(manifest['files'])}, {LOCK.name})")
+    return EXIT_OK
+
+
+def _zoo_publish(args: argparse.Namespace) -> int:
+    from search.zoo.build import ZooError, publish
+    from search.zoo.recipe import recipe_for
+
+    try:
+        target = publish(recipe_for(args.variant, 0))
+    except ZooError as problem:
+        raise UserError(f"{problem}; run `soupsearch zoo build --variant {args.variant} --train` first") from None
+    print(f"published zoo {args.variant} into {target}")
     return EXIT_OK
 
 
 def _zoo_report(args: argparse.Namespace) -> int:
     from search.zoo.report import write_report
 
-    path = write_report(args.variant, Path(args.out), progress=not args.quiet)
+    path = write_report(args.variant, Path(args.out), progress=args.verbosity > output.QUIET, seed=args.seed)
     print(f"wrote {path}")
     return EXIT_OK
 
 
 def _add_zoo(commands: argparse._SubParsersAction) -> None:
-    zoo = commands.add_parser("zoo", help="build, verify or report on the tiny model zoo")
+    zoo = commands.add_parser("zoo", help="get, verify, report on or publish the tiny model zoo")
     actions = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
 
     def variant(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--variant", choices=["tiny", "pico"], default="tiny",
                             help="tiny (experiments, docs) or pico (unit tests); default tiny")
+        parser.add_argument("--seed", type=int, help="the recipe's training seed (default $SOUPSEARCH_ZOO_SEED, "
+                            "else 0; only seed 0 is published)")
 
-    build = actions.add_parser("build", help="build the zoo, or verify and reuse a cached one")
+    build = actions.add_parser("build", help="unpack the published zoo (or train it when the recipe has none)")
     variant(build)
-    build.add_argument("--force", action="store_true", help="rebuild even if a verified cache exists")
+    build.add_argument("--train", "--force", action="store_true",
+                       help="train from the recipe even if published weights or a verified cache exist")
     build.set_defaults(func=_zoo_build)
 
-    check = actions.add_parser("verify", help="check the cached zoo against its manifest checksums")
+    check = actions.add_parser("verify", help="check the cached zoo's checksums, and whether it equals the published one")
     variant(check)
     check.set_defaults(func=_zoo_verify)
+
+    release = actions.add_parser("publish", help="copy the cached zoo (seed 0) into the repository's published "
+                                 "weights and lock file (maintainers, after a recipe change)")
+    release.add_argument("--variant", choices=["tiny", "pico"], default="tiny", help="default tiny")
+    release.set_defaults(func=_zoo_publish)
 
     report = actions.add_parser("report", help="score every zoo model on every task; write docs/zoo.md")
     variant(report)
     report.add_argument("--out", default="docs/zoo.md", help="where to write the table (default docs/zoo.md)")
-    report.add_argument("--quiet", action="store_true", help="no progress bar")
     report.set_defaults(func=_zoo_report)
 
 
@@ -80,14 +109,18 @@ def _eval_specs(args: argparse.Namespace) -> list:
     from evals.spec import TaskSpec
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"--tasks {args.tasks!r}: name at least one lm-eval task, e.g. --tasks tiny_addition")
+    if args.gen_kwargs and any("=" not in part for part in args.gen_kwargs.split(",")):
+        raise UserError(f"--gen-kwargs {args.gen_kwargs!r}: expected KEY=VALUE[,KEY=VALUE], e.g. max_gen_toks=256")
     data: dict[str, dict[str, str]] = {}
     for item in args.data:
         task, _, rest = item.partition(":")
         split, _, path = rest.partition("=")
         if not (task and split and path):
-            raise BadInput(f"--data {item!r}: expected TASK:SPLIT=FILE, e.g. gsm8k:test=test.parquet")
+            raise UserError(f"--data {item!r}: expected TASK:SPLIT=FILE, e.g. gsm8k:test=test.parquet")
         if task not in names:
-            raise BadInput(f"--data {item!r}: task {task!r} is not in --tasks {args.tasks}")
+            raise UserError(f"--data {item!r}: task {task!r} is not in --tasks {args.tasks}")
         data.setdefault(task, {})[split] = path
     options = {"num_fewshot": args.num_fewshot, "chat_template": args.chat_template,
                "system_instruction": args.system_instruction,
@@ -95,34 +128,37 @@ def _eval_specs(args: argparse.Namespace) -> list:
     try:
         return [TaskSpec(task=name, data_files=data.get(name), **options) for name in names]
     except ValidationError as problem:
-        raise BadInput(f"--tasks {args.tasks}: {problem}") from None
-
-
-def _device(requested: str | None) -> str:
-    from search.experiment import ExperimentError, pick_device
-
-    try:
-        return pick_device(requested or "auto")
-    except ExperimentError as problem:
-        raise BadInput(f"--{problem}") from None
+        raise UserError(f"--tasks {args.tasks}: {one_line(problem)}") from None
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
     import logging
+    import tempfile
 
-    from evals.harness import Evaluator, TaskError, load_model
+    from evals.harness import Evaluator, check_finite, load_model
+    from merge_core.parents import Parent
+    from search.experiment import pick_device
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     specs = _eval_specs(args)
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise BadInput(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    device = _device(args.device)
+    if args.json:  # checked before the work, not after it
+        try:
+            tempfile.TemporaryFile(dir=Path(args.json).parent).close()
+            unwritable = "it is a folder" if Path(args.json).is_dir() else None
+        except OSError as problem:
+            unwritable = f"{Path(args.json).parent}: {problem.strerror}"
+        if unwritable:
+            raise UserError(f"--json {args.json}: cannot write there ({unwritable})")
+    Parent.open(model_dir)  # refuses, by name, a folder without config.json or whole safetensors weights
+    device = pick_device(args.device or "auto")
     try:
-        evaluator = Evaluator(*load_model(model_dir, device), specs)
-    except TaskError as problem:
-        raise BadInput(str(problem)) from None
+        model, tokenizer = load_model(model_dir, device)
+        check_finite(model)
+    except (OSError, ValueError, FloatingPointError) as problem:  # no or unusable tokenizer; NaN or Inf weights
+        raise UserError(f"model {model_dir}: {problem}") from None
+    evaluator = Evaluator(model, tokenizer, specs)
     result = evaluator.score(args.split, limit=args.limit)
     print(result.table())
     if args.json:
@@ -138,6 +174,23 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    port = _positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return port
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     summary = "score a saved model through the same evaluation path as the search"
     sub = commands.add_parser("eval", help=summary, description=summary)
@@ -146,7 +199,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--split", choices=["search", "select", "test"], default="test",
                      help="which item split to score (default test)")
     sub.add_argument("--limit", type=_positive_int, help="score only the split's first N items")
-    sub.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    sub.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     sub.add_argument("--data", action="append", default=[], metavar="TASK:SPLIT=FILE",
                      help="local copy of a task's dataset split (.parquet/.jsonl, the hub's schema); repeatable")
     sub.add_argument("--num-fewshot", type=int, help="few-shot examples for every task (default: each task's own)")
@@ -158,13 +211,11 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from merge_core import MergeInputError, merge_to_folder
+    from merge_core import merge_to_folder
+    from search.experiment import pick_device
 
-    device = _device(args.device)
-    try:
-        report = merge_to_folder(args.config, args.out_dir, device=device)
-    except MergeInputError as problem:
-        raise BadInput(f"{args.config}: {problem}") from None
+    device = pick_device(args.device or "auto")
+    report = merge_to_folder(args.config, args.out_dir, device=device)
     print(f"wrote {args.out_dir} ({report.method}, {report.seconds:.2f} s on {device})")
     return EXIT_OK
 
@@ -190,48 +241,30 @@ def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str,
 
 
 def _experiment(path: str):
-    from search.experiment import ExperimentError, load_experiment
+    from search.experiment import load_experiment
 
-    try:
-        return load_experiment(path)
-    except ExperimentError as problem:
-        raise BadInput(str(problem)) from None
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that name a bad file, key, model, storage or tracking URI: exit 2."""
-    from merge_core import MergeInputError
-    from search.experiment import ExperimentError
-    from search.study import StorageError
-    from search.tracking import TrackingError
-
-    return ExperimentError, MergeInputError, StorageError, TrackingError
+    return load_experiment(path)
 
 
 def _validate(args: argparse.Namespace) -> int:
     from search.validate import validate
 
     experiment = _experiment(args.file)
-    try:
-        print(validate(experiment, load=args.load))
-    except _user_errors() as problem:
-        raise BadInput(f"{args.file}: {problem}") from None
+    print(validate(experiment, load=args.load))
     print(f"{args.file}: ok")
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
-    from search.study import Settings, run_study, summary
+    from search.leaderboard import summary
+    from search.study import Settings, run_study
 
     experiment = _experiment(args.file)
     overrides = {k: getattr(args, k, None) for k in ("trials", "timeout", "storage", "tracking_uri", "device", "seed")}
     settings = Settings.of(experiment, **overrides)
     if experiment.soup is not None:
         return _soup(args, experiment, settings)
-    try:
-        study = run_study(experiment, settings, join=args.command == "worker")
-    except _user_errors() as problem:
-        raise BadInput(f"{args.file}: {problem}") from None
+    study = run_study(experiment, settings, join=args.command == "worker")
     print(summary(study))
     return EXIT_OK
 
@@ -240,25 +273,22 @@ def _soup(args: argparse.Namespace, experiment, settings) -> int:
     from search.soup import Souper, table
 
     if args.command == "worker":
-        raise BadInput(f"{args.file}: a soup runs in one process; use `soupsearch run`")
-    try:
-        results = Souper(experiment, settings).run()
-    except _user_errors() as problem:
-        raise BadInput(f"{args.file}: {problem}") from None
+        raise UserError(f"{args.file}: a soup runs in one process; use `soupsearch run`")
+    souper = Souper(experiment, settings)
+    results = souper.run()
     print(table(results, experiment))
+    print("\n".join(souper.verdict.lines()))
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
-    from search.study import Settings, open_study, summary
+    from search.leaderboard import summary
+    from search.study import Settings, open_study
 
     experiment = _experiment(args.file)
-    try:
-        study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
-    except _user_errors() as problem:
-        raise BadInput(f"{args.file}: {problem}") from None
+    study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
     print(summary(study))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
@@ -274,7 +304,7 @@ def _add_study_commands(commands: argparse._SubParsersAction) -> None:
                           ("worker", "join an existing study from another process or machine")):
         sub = _subcommand(commands, name, summary, _run)
         sub.add_argument("--trials", type=_positive_int, help="finished trials the study should reach")
-        sub.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+        sub.add_argument("--timeout", type=_positive_float, help="stop starting trials after this many seconds")
         sub.add_argument("--storage", help="Optuna storage URL or journal file (default .soupsearch/journal.log)")
         sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the experiment's")
@@ -291,12 +321,10 @@ def _export(args: argparse.Namespace) -> int:
     if args.study:
         experiment = experiment.model_copy(update={"study": experiment.study.model_copy(update={"name": args.study})})
     settings = Settings.of(experiment, storage=args.storage, tracking_uri=args.tracking_uri, device=args.device)
-    try:
-        record = export(experiment, settings, Path(args.out))
-    except _user_errors() as problem:
-        raise BadInput(f"{args.file}: {problem}") from None
+    record = export(experiment, settings, Path(args.out))
     print(f"exported trial {record['trial']} to {args.out}: select {record['select_objective']:.4f}, "
           f"test {record['test_objective']:.4f} (finalists {record['finalists']})")
+    print("\n".join(record["verdict"]["lines"]))
     return EXIT_OK
 
 
@@ -311,24 +339,17 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from search.tracking import TrackingError, dashboard_command
+    from search.tracking import dashboard
 
     uri = args.tracking_uri or (_experiment(args.file).tracking_uri if args.file else None)
-    try:
-        command = dashboard_command(uri, args.port)
-    except TrackingError as problem:
-        raise BadInput(str(problem)) from None
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    return subprocess.run(command, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}).returncode
+    return dashboard(uri, args.port, server_logs=args.verbosity == output.VERBOSE)
 
 
 def _add_dashboard(commands: argparse._SubParsersAction) -> None:
     sub = _subcommand(commands, "dashboard", "MLflow UI on 127.0.0.1 for this project's store", _dashboard, file="")
     sub.add_argument("file", metavar="FILE", nargs="?", help="an experiment YAML, for its tracking_uri")
     sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
-    sub.add_argument("--port", type=_positive_int, default=5000, help="default 5000")
+    sub.add_argument("--port", type=_port, default=5000, help="default 5000")
 
 
 
@@ -345,18 +366,43 @@ def parser() -> argparse.ArgumentParser:
     _add_zoo(commands)
     _add_merge(commands)
     _add_eval(commands)
+    _add_verbosity(top)
     return top
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """--quiet and --verbose on every command that runs: the leaves of the command tree."""
+    branches = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for branch in branches:
+        for command in branch.choices.values():
+            _add_verbosity(command)
+    if not branches:
+        shown = parser.add_mutually_exclusive_group()
+        shown.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=output.QUIET,
+                           default=output.NORMAL, help="results and errors only, no progress")
+        shown.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=output.VERBOSE,
+                           help="also the libraries' own logs, warnings and progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    output.configure(args.verbosity)
     try:
         return args.func(args)
-    except BadInput as problem:
-        print(f"soupsearch: error: {problem}", file=sys.stderr)
+    except UserError as problem:
+        print(f"soupsearch: error: {' '.join(str(problem).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("soupsearch: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as problem:  # noqa: BLE001 -- a bug: keep the traceback in a file, say one line here
+        import tempfile
+        import traceback
+
+        with tempfile.NamedTemporaryFile("w", prefix="soupsearch-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        print(f"soupsearch: internal error: {type(problem).__name__}: {' '.join(str(problem).split())[:500]}"
+              f" (full traceback in {log.name})", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -9,27 +9,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from evals.objectives import Objective
 from evals.spec import TaskSpec
+from search.urls import expand, masked
+from user_input import UserError, one_line, parse_yaml, read_text
 
 T_FILTERS = ("self_attn", "mlp", "rest")  # mergekit filters; "rest" is the catch-all entry
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError):
     """An experiment file that cannot be used; the message names the file and the key."""
 
 
 def pick_device(requested: str) -> str:
-    """`auto` -> cuda when present, else cpu; asking for cuda without one is an ExperimentError."""
+    """`auto` -> cuda when present, else cpu; cpu, cuda or cuda:N otherwise (ExperimentError)."""
     import torch
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ExperimentError("device cuda: no CUDA device is available")
+    kind, _, index = requested.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ExperimentError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ExperimentError(f"device {requested}: no CUDA device is available")
     return requested
 
 
@@ -187,6 +191,17 @@ class Experiment(_Strict):
     def study_name(self) -> str:
         return self.study.name or self.name
 
+    @field_validator("storage", "tracking_uri")
+    @classmethod
+    def _from_environment(cls, url: str | None) -> str | None:
+        """``${VAR}`` parts come from the environment, so that a password stays out of the file."""
+        return None if url is None else expand(url)
+
+    @field_serializer("storage", "tracking_uri")
+    def _without_password(self, url: str | None) -> str | None:
+        """Every dump of an experiment (the MLflow experiment.yaml artifact among them) hides passwords."""
+        return None if url is None else masked(url)
+
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
         if self.base_model not in self.models:
@@ -201,6 +216,9 @@ class Experiment(_Strict):
             raise ValueError(f"space.slerp merges exactly two models, models has {len(self.models)}")
         if self.study.sampler == "nsga2" and self.study.pruner != "none":
             raise ValueError("study.pruner: multi-objective (nsga2) studies cannot be pruned")
+        if self.study.sampler == "grid" and self.space is not None and len(self.space.methods) > 1:
+            raise ValueError("study.sampler: grid needs a single method in space (conditional parameters "
+                             f"cannot be gridded), got {self.space.methods}")
         return self
 
 
@@ -209,17 +227,13 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"{path}: no such experiment file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as problem:
-        raise ExperimentError(f"{path}: not valid YAML: {problem}") from None
+    raw = parse_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: an experiment is a mapping of keys, got {type(raw).__name__}")
     try:
         return Experiment.model_validate(raw)
     except ValidationError as problem:
-        lines = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in problem.errors()]
-        raise ExperimentError(f"{path}: " + "; ".join(lines)) from None
+        raise ExperimentError(f"{path}: {one_line(problem)}") from None
 
 
 def resolve_model(reference: str, load: bool = True) -> Path | str:

@@ -2,7 +2,8 @@
 
 The best ``study.select_top`` trials by search score are rebuilt with their own seeds and scored on
 select items; the winner (never chosen on test) is rebuilt, must reproduce its search score
-exactly, is scored on test, and its weights are written from that very candidate.
+exactly, is scored on test, and its weights are written from that very candidate. It is then
+judged against its best parent (search.verdict), from the parents' scores the study keeps.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from optuna.trial import TrialState
 
 from evals.harness import EvalResult
 from merge_core.config import load_config
-from merge_core.export import write_folder
+from merge_core.export import check_out_dir, write_folder
+from search import baselines, output
 from search.experiment import Experiment, ExperimentError
 from search.space import to_config
 from search.study import Settings, open_study
 from search.tracking import Tracker
+from search.verdict import Verdict, compare
 from search.workbench import Workbench
 
 
@@ -40,7 +43,7 @@ def _scores(result: EvalResult) -> dict:
 
 
 def model_card(experiment: Experiment, trial: optuna.trial.FrozenTrial, method: str, config_yaml: str,
-               select: EvalResult, test: EvalResult) -> str:
+               select: EvalResult, test: EvalResult, verdict: Verdict) -> str:
     rows = [f"| {split} | {s.task} | {s.metric} | {len(s.per_item)} | {100 * s.mean:.1f} "
             f"| [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}] |"
             for split, result in (("select", select), ("test", test)) for s in result.values()]
@@ -57,6 +60,15 @@ Method: `{method}`, merge seed {trial.user_attrs['seed']}. Parents:
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+## Against its parents
+
+Every parent was scored as it is, on the same select and test items. The best parent is the one
+with the best select objective (never chosen on test); each difference is this merge minus that
+parent, in percentage points, with a 95% CI from a paired bootstrap over items, stratified by task.
+Select also chose this merge among the finalists, so the test difference is the unbiased one.
+
+{verdict.markdown()}
+
 ## Configuration (mergekit)
 
 ```yaml
@@ -65,18 +77,24 @@ Method: `{method}`, merge seed {trial.user_attrs['seed']}. Parents:
 
 
 def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExperimentError(f"--out {out}: exists and is not empty")
+    check_out_dir(out)
     study = open_study(experiment, settings, create=False)
     candidates = finalists(study, experiment.study.select_top)
     if not candidates:
         raise ExperimentError(f"study {experiment.study_name!r} has no complete trial to export; run it first")
+    output.say(f"export: {len(candidates)} finalist(s) by search score (trial {', '.join(str(t.number) for t in candidates)})"
+               "; each is rebuilt and scored on select, and the best one checked, scored on test and written")
     bench = Workbench(experiment, settings.device)
+    tracker = Tracker(settings.tracking_uri, experiment.name)
+    parent_run = study.user_attrs["mlflow_parent_run_id"]
+    parents = baselines.score(study, experiment, bench, tracker, parent_run)  # kept by `run`: read, not scored
     objective = experiment.evaluation.weights
     chosen, best = None, None
+    shown = output.Progress("export", len(candidates) + 3, "step")
     for trial in candidates:
         bench.build(to_config(experiment, trial.params, bench.refs), trial.user_attrs["seed"])
         select = bench.score("select")
+        shown.update(f"trial {trial.number} on select: " + (f"{objective(select):.4f}" if select.ok else select.error))
         if select.ok and (best is None or objective(select) > objective(best)):
             chosen, best = trial, select
     if chosen is None:
@@ -94,34 +112,40 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
     *_, (_, _, search) = bench.score_rungs(rungs)
     if not search.ok:
         raise RuntimeError(f"trial {chosen.number} failed on the search split: {search.error}")
-    reproduced = [search[task].mean for task in objective.weights] if len(study.directions) > 1 else objective(search)
+    reproduced = objective.means(search) if len(study.directions) > 1 else objective(search)
     if reproduced != (chosen.values if len(study.directions) > 1 else chosen.value):
         raise RuntimeError(f"trial {chosen.number}: the rebuilt merge scores {reproduced} on search, "
                            f"not the {chosen.values} it scored in the study")
+    shown.update(f"trial {chosen.number} rebuilt: its search score on {chosen.user_attrs['fidelity']} items "
+                 "reproduced, item for item")
     test = bench.score("test")
     if not test.ok:
         raise RuntimeError(f"trial {chosen.number} failed on the test split: {test.error}")
+    shown.update(f"trial {chosen.number} on test: {objective(test):.4f}")
+    verdict = compare(f"trial {chosen.number}", {"select": best, "test": test}, parents, objective, settings.seed)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         write_folder(bench.engine, plan, load_config(config), text, staging, name=out.name)
-        card = model_card(experiment, chosen, config["merge_method"], text, best, test)
+        card = model_card(experiment, chosen, config["merge_method"], text, best, test, verdict)
         (staging / "README.md").write_text(card)
         record = {"trial": chosen.number, "seed": chosen.user_attrs["seed"], "objective": objective.name,
                   "search_objective_reproduced": reproduced,
                   "select": _scores(best), "test": _scores(test),
                   "select_objective": objective(best), "test_objective": objective(test),
-                  "finalists": [t.number for t in candidates]}
+                  "finalists": [t.number for t in candidates], "verdict": verdict.record()}
         (staging / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             out.rmdir()
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    tracker = Tracker(settings.tracking_uri, experiment.name)
-    parent = study.user_attrs["mlflow_parent_run_id"]
-    tracker.log(parent, metrics={"export/select_objective": record["select_objective"],
+    shown.update(f"wrote {out}: weights, mergekit_config.yml, README.md, scores.json")
+    shown.close()
+    tracker.log(parent_run, metrics={"export/select_objective": record["select_objective"],
                                  "export/test_objective": record["test_objective"]},
                 texts={"export/README.md": card, "export/mergekit_config.yml": text},
-                dicts={"export/scores.json": record})
-    tracker.tag(parent, "soupsearch.exported_trial", str(chosen.number))
+                dicts={"export/scores.json": record, "export/per_item/select.json": best.record(),
+                       "export/per_item/test.json": test.record()})
+    tracker.tag(parent_run, "soupsearch.exported_trial", str(chosen.number))
+    verdict.log(tracker, parent_run)
     return record

@@ -68,10 +68,8 @@ def suggest(trial, experiment: Experiment) -> dict[str, object]:
 
 
 def grid(experiment: Experiment) -> dict[str, list[object]]:
-    """GridSampler's space: ``study.grid_points`` evenly spaced values per float."""
-    if len(experiment.space.methods) > 1:
-        raise ExperimentError("study.sampler grid needs a single method in space (conditional "
-                              f"parameters cannot be gridded), got {experiment.space.methods}")
+    """GridSampler's space: ``study.grid_points`` evenly spaced values per float (one method: the
+    experiment's schema refuses a grid over several)."""
     points = experiment.study.grid_points
     return {name: [float(v) for v in np.linspace(d.low, d.high, points)]
             for name, d in full_space(experiment).items()}

@@ -7,24 +7,30 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
-import torch
 import yaml
 from optuna.trial import TrialState
 
-from merge_core import MergeInputError
+from search import baselines, output
 from search.experiment import Experiment
+from search.leaderboard import leaderboard, trial_value
 from search.space import expand_warm_start, grid, suggest, to_config
-from search.tracking import Tracker
-from search.workbench import Workbench
+from search.tracking import STATE_TAG, Tracker, split_metrics
+from search.urls import driver_hint, masked
+from user_input import UserError
+
+if TYPE_CHECKING:  # torch, mergekit and lm-eval load only where a trial runs: `status` needs none
+    from search.workbench import Workbench
 
 DEFAULT_JOURNAL = Path(".soupsearch") / "journal.log"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RECORDED = "mlflow_recorded_trials"  # user attr: how many trials the parent run's records cover
 
 
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be opened; the message names it."""
+class StorageError(UserError):
+    """The Optuna storage cannot be opened; the message names it, password masked."""
 
 
 class TrialFailed(Exception):
@@ -52,13 +58,18 @@ class Settings:
 
 def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseStorage:
     """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     try:
         if spec is not None and "://" in spec:
-            return RDBStorage(spec, heartbeat_interval=60,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats and retries are used on purpose
+                return RDBStorage(spec, heartbeat_interval=60,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
         path = Path(spec) if spec else DEFAULT_JOURNAL
         if not create and not path.is_file():
             raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
@@ -67,7 +78,14 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
         # lock that a process killed mid-write leaves is then never broken: every later run would hang
         return JournalStorage(JournalFileBackend(str(path.resolve())))
     except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
-        raise StorageError(f"storage {spec or DEFAULT_JOURNAL}: {type(problem).__name__}: {problem}") from None
+        raise _storage_error(spec, problem) from None
+
+
+def _storage_error(spec: str | None, problem: Exception) -> StorageError:
+    """One line naming the storage, its password masked, with the driver to install if one is missing."""
+    where = str(spec or DEFAULT_JOURNAL)
+    said = masked(where, " ".join(str(problem).split()))
+    return StorageError(f"storage {masked(where)}: {type(problem).__name__}: {said}{driver_hint(problem)}")
 
 
 def _sampler(experiment: Experiment, seed: int) -> optuna.samplers.BaseSampler:
@@ -90,16 +108,18 @@ def open_study(experiment: Experiment, settings: Settings, create: bool = True) 
     storage = open_storage(settings.storage, create)
     tasks = experiment.evaluation.task_names
     directions = ["maximize"] * (len(tasks) if experiment.study.sampler == "nsga2" else 1)
-    if not create:
-        try:
-            return optuna.load_study(study_name=experiment.study_name, storage=storage,
-                                     sampler=_sampler(experiment, settings.seed), pruner=_pruner(experiment))
-        except KeyError:
-            raise StorageError(f"storage {settings.storage or DEFAULT_JOURNAL}: no study "
-                               f"{experiment.study_name!r}; start it with `soupsearch run`") from None
-    return optuna.create_study(study_name=experiment.study_name, storage=storage, load_if_exists=True,
-                               sampler=_sampler(experiment, settings.seed), pruner=_pruner(experiment),
-                               directions=directions)
+    sampler, pruner = _sampler(experiment, settings.seed), _pruner(experiment)
+    try:
+        if not create:
+            return optuna.load_study(study_name=experiment.study_name, storage=storage, sampler=sampler,
+                                     pruner=pruner)
+        return optuna.create_study(study_name=experiment.study_name, storage=storage, load_if_exists=True,
+                                   sampler=sampler, pruner=pruner, directions=directions)
+    except KeyError:
+        raise StorageError(f"storage {masked(str(settings.storage or DEFAULT_JOURNAL))}: no study "
+                           f"{experiment.study_name!r}; start it with `soupsearch run`") from None
+    except Exception as problem:  # noqa: BLE001 -- a journal damaged past its last line is read only here
+        raise _storage_error(settings.storage, problem) from None
 
 
 def _owner() -> str:
@@ -131,6 +151,7 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker) -> list[int]:
         study.tell(trial.number, state=TrialState.FAIL)
         if "mlflow_run_id" in trial.user_attrs:
             tracker.tag(trial.user_attrs["mlflow_run_id"], "soupsearch.fail_reason", f"interrupted: {owner} ended mid-trial")
+            tracker.tag(trial.user_attrs["mlflow_run_id"], STATE_TAG, TrialState.FAIL.name)
             tracker.end(trial.user_attrs["mlflow_run_id"], "FAILED")
         study.enqueue_trial(trial.params, user_attrs={"seed": trial.user_attrs["seed"], "retry_of": trial.number,
                                                       "retry_reason": f"interrupted: {owner} ended mid-trial"})
@@ -159,23 +180,28 @@ class Objective:
         trial.set_user_attr("owner", _owner())
         run = self.tracker.trial_run(self.parent_run, trial.study.study_name, trial.number)
         trial.set_user_attr("mlflow_run_id", run)
-        status = "FAILED"
+        state = TrialState.FAIL
         try:
             values = self._evaluate(trial, run, seed)
-            status = "FINISHED"
+            state = TrialState.COMPLETE
             return values
         except optuna.TrialPruned:
-            status = "FINISHED"
-            self.tracker.tag(run, "soupsearch.state", "PRUNED")
+            state = TrialState.PRUNED
             raise
         except TrialFailed as problem:
             trial.set_user_attr("fail_reason", str(problem))
             self.tracker.tag(run, "soupsearch.fail_reason", str(problem)[:5000])
             raise
         finally:
-            self.tracker.end(run, status)
+            self.tracker.tag(run, STATE_TAG, state.name)
+            self.tracker.end(run, "FAILED" if state == TrialState.FAIL else "FINISHED")
 
     def _evaluate(self, trial: optuna.Trial, run: str, seed: int) -> float | list[float]:
+        import torch
+
+        from merge_core import MergeInputError
+        from merge_core.errors import ParentError
+
         started = time.perf_counter()
         params = suggest(trial, self.experiment)
         config = to_config(self.experiment, params, self.bench.refs)
@@ -183,31 +209,33 @@ class Objective:
         self.tracker.log(run, params=params | {"seed": seed}, texts={"config.yaml": config_yaml})
         try:
             report = self.bench.build(config, seed)
+        except ParentError:
+            raise  # no config can merge such a parent: end the study, naming the tensor
         except (MergeInputError, torch.OutOfMemoryError) as problem:
             raise TrialFailed(f"merge failed: {type(problem).__name__}: {problem}") from None
         merge_s = report.seconds
+        trial.set_user_attr("merge_s", merge_s)
         objective = self.experiment.evaluation.weights
         eval_s, reported = 0.0, set()
         for rung, more, result in self.bench.score_rungs(self.experiment.evaluation.fidelity):
             eval_s += more.seconds
+            trial.set_user_attr("eval_s", eval_s)
             if not more.ok:
                 self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
                 raise TrialFailed(f"evaluation failed at {rung} items: {more.error}")
             value = objective(result)
             self._report(trial, result, value, rung, reported)
             trial.set_user_attr("fidelity", rung)
-            metrics = {f"search/{k}": v for k, v in result.metrics().items()}
-            metrics |= {"search/objective": value, "fidelity": rung, "merge_s": merge_s, "eval_s": eval_s,
-                        "total_s": time.perf_counter() - started}
+            trial.set_user_attr("objective", value)  # a pruned trial's score, where it stopped
+            metrics = split_metrics("search", value, result) | {
+                "fidelity": rung, "merge_s": merge_s, "eval_s": eval_s, "total_s": time.perf_counter() - started}
             self.tracker.log(run, metrics=metrics)
             if trial.should_prune():
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
                 raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")
-        trial.set_user_attr("merge_s", merge_s)
         trial.set_user_attr("batch_size", result.batch_size)  # what export re-scores the winner with
-        trial.set_user_attr("eval_s", eval_s)
         self.tracker.log(run, dicts={"per_item.json": result.record()})
-        return [result[task].mean for task in objective.weights] if self.multi else value
+        return objective.means(result) if self.multi else value
 
     def _report(self, trial: optuna.Trial, result, value: float, rung: int, reported: set[int]) -> None:
         """Wilcoxon wants per-item scores (step = task and item); halving wants the mean at each rung."""
@@ -224,13 +252,40 @@ class Objective:
                     reported.add(step)
 
 
+def _settled(experiment: Experiment, settings: Settings) -> optuna.Study | None:
+    """The study if a run has nothing to do (its trials reached, its parents scored, nothing
+    running, MLflow up to date), read without loading any model or MLflow; else None."""
+    try:
+        study = open_study(experiment, settings, create=False)
+    except StorageError:
+        return None  # no study yet, or a storage that the full start reports on
+    trials = study.get_trials(deepcopy=False)
+    if (sum(t.state in FINISHED for t in trials) < settings.trials or any(t.state == TrialState.RUNNING for t in trials)
+            or baselines.missing(study, experiment) or study.user_attrs.get(RECORDED) != len(trials)):
+        return None
+    return study
+
+
+def _event(trial: optuna.trial.FrozenTrial) -> str:
+    """A finished trial as one line: its score, on how many items, and where its time went."""
+    attrs = trial.user_attrs
+    return (f"trial {trial.number} {trial.state.name} {trial_value(trial):.4f} on {attrs['fidelity']} items "
+            f"(merge {attrs['merge_s']:.2f} s, eval {attrs['eval_s']:.2f} s)")
+
+
 def run_study(experiment: Experiment, settings: Settings, join: bool = False) -> optuna.Study:
     """Run (or resume) the study until ``settings.trials`` trials have finished; ``join``: a worker."""
+    settled = None if join else _settled(experiment, settings)
+    if settled is not None:
+        output.say(f"study {settled.study_name}: {settings.trials} trials reached and parents scored; nothing to run")
+        return settled
     from optuna.study import MaxTrialsCallback
-    from tqdm.auto import tqdm
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from search.validate import check_configs, midpoint_configs
+    from search.workbench import Workbench
+
     bench = Workbench(experiment, settings.device)  # a missing model fails before anything is written
+    check_configs(experiment, bench.refs, bench.engine)  # parents that cannot merge fail before the first trial
     tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
     study = open_study(experiment, settings, create=not join)
     parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -244,6 +299,8 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                     texts={"experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True),
                                                              sort_keys=False)})
     recover_interrupted(study, tracker)
+    if not join:
+        baselines.score(study, experiment, bench, tracker, parent)
     # a resumed sampler must not replay the fresh stream (it would propose the finished trials again),
     # and concurrent workers must not share one: reseed by trials so far, and by process for workers
     offset = len(study.trials) + (os.getpid() << 20 if join else 0)
@@ -252,59 +309,30 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = settings.trials - done
     if remaining > 0:
-        bar = tqdm(total=settings.trials, initial=done, desc="trials", unit="trial", dynamic_ncols=True)
+        # trial 0's merge time is a trial's: in these builds numba compiles the kernels (once per
+        # install, then read from its cache) and the engine fills its per-study cache
+        output.say("building each method once before the first trial (compiles the merge kernels after an install)")
+        for config in midpoint_configs(experiment, bench.refs).values():
+            bench.build(config, settings.seed)
+        with output.progress("trials", settings.trials, "trial", initial=done) as shown:
 
-        def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if len(study.directions) == 1 and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                bar.set_postfix(best=f"{study.best_value:.4f}", refresh=False)
-            if trial.state in FINISHED:
-                bar.update(1)
+            def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if trial.state == TrialState.FAIL:
+                    reason = trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))
+                    output.say(f"trial {trial.number} FAIL: {reason}")
+                elif trial.state in FINISHED:
+                    best = (f"{study.best_value:.4f}" if len(study.directions) == 1
+                            and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else "")
+                    shown.update(_event(trial) + (f"; best {best}" if best else ""), best=best)
 
-        objective = Objective(experiment, bench, tracker, parent, settings.seed)
-        try:
+            objective = Objective(experiment, bench, tracker, parent, settings.seed)
             # failed trials do not count; allow as many failures as trials before giving up
             study.optimize(objective, n_trials=remaining + settings.trials, timeout=settings.timeout,
                            catch=(TrialFailed,), gc_after_trial=False,
                            callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress])
-        finally:
-            bar.close()
     if not join:
         record_study(study, tracker, parent)
     return study
-
-
-def leaderboard(study: optuna.Study, top: int | None = None) -> list[dict]:
-    """Finished and failed trials, best first (by the first objective)."""
-    rows = []
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
-    for trial in (t for t in trials if t.state in (*FINISHED, TrialState.FAIL)):
-        # ours, or Optuna's own (a NaN objective, say)
-        note = trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))
-        if trial.number in retried:
-            retry = retried[trial.number]
-            note = f"{retry.user_attrs.get('retry_reason', 'interrupted')}; re-run as trial {retry.number}"
-        rows.append({"trial": trial.number, "state": trial.state.name,
-                     "value": trial.values[0] if trial.values else None,
-                     "method": trial.params.get("method", ""),
-                     "fidelity": trial.user_attrs.get("fidelity"),
-                     "merge_s": trial.user_attrs.get("merge_s"), "eval_s": trial.user_attrs.get("eval_s"),
-                     "seed": trial.user_attrs.get("seed"),
-                     "note": note})
-    rows.sort(key=lambda r: (r["state"] != "COMPLETE", -(r["value"] if r["value"] is not None else -1e300)))
-    return rows[:top]
-
-
-def summary(study: optuna.Study, top: int = 10) -> str:
-    counts = {state.name: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
-    lines = [f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
-             f"{'trial':>5}  {'state':<8} {'value':>8}  {'merge s':>7}  {'eval s':>7}  {'seed':>10}  note"]
-    for row in leaderboard(study, top):
-        value = "" if row["value"] is None else f"{row['value']:.4f}"
-        timing = [f"{row[k]:7.2f}" if row[k] is not None else f"{'':>7}" for k in ("merge_s", "eval_s")]
-        lines.append(f"{row['trial']:>5}  {row['state']:<8} {value:>8}  {timing[0]}  {timing[1]}  "
-                     f"{row['seed'] if row['seed'] is not None else '':>10}  {str(row['note'])[:60]}")
-    return "\n".join(lines)
 
 
 def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
@@ -321,6 +349,7 @@ def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
         tracker.tag(parent, "soupsearch.best_trial", str(best.number))
         _log_plots(tracker, parent, study, importances=len(complete) > 1 and len(best.params) > 1)
     tracker.end(parent)
+    study.set_user_attr(RECORDED, len(study.trials))
 
 
 def _log_plots(tracker: Tracker, parent: str, study: optuna.Study, importances: bool) -> None:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from merge_core import Engine, Parents
-from merge_core.config import load_config
+from typing import TYPE_CHECKING
+
+from evals.harness import known_tasks, load_tasks
+from evals.spec import TaskSpec
 from search.experiment import Experiment, ExperimentError, resolve_model
 from search.soup import soup_config
 from search.space import expand_warm_start, full_space, to_config
 
+if TYPE_CHECKING:  # mergekit's tables load only with --load: they take seconds to import
+    from merge_core import Engine
+
+
+def midpoint_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, dict]:
+    """One concrete mergekit config per method, each range at its midpoint."""
+    space = full_space(experiment)
+    middle = {name: (d.low + d.high) / 2 for name, d in space.items() if name != "method"}
+    return {f"{method} (midpoint)": to_config(experiment, middle | {"method": method}, refs)
+            for method in experiment.space.methods}
+
 
 def sample_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, dict]:
-    """One concrete mergekit config per method (each range at its midpoint) and per warm start."""
-    space = full_space(experiment)
-    configs = {}
-    for method in experiment.space.methods:
-        middle = {name: (d.low + d.high) / 2 for name, d in space.items() if name != "method"}
-        configs[f"{method} (midpoint)"] = to_config(experiment, middle | {"method": method}, refs)
+    """The midpoint configs, and one concrete mergekit config per warm start."""
+    configs = midpoint_configs(experiment, refs)
     for index, start in enumerate(experiment.warm_starts):
         where = f"warm_starts[{index}]"
         params = expand_warm_start(experiment, start, where)
@@ -27,8 +36,26 @@ def sample_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, di
     return configs
 
 
+def configs_to_check(experiment: Experiment, refs: dict[str, str]) -> dict[str, dict]:
+    """A soup experiment's uniform soup, else the sample configs."""
+    if experiment.soup is not None:
+        return {"uniform soup": soup_config(experiment, refs, experiment.soup.ingredients)}
+    return sample_configs(experiment, refs)
+
+
+def check_configs(experiment: Experiment, refs: dict[str, str], engine: Engine) -> list[str]:
+    """The sample configs' labels, once mergekit's own MergeConfiguration accepts each and the
+    parents' engine plans it against their weights (shapes, tensors): what `validate --load` and
+    `run` check before any work."""
+    configs = configs_to_check(experiment, refs)
+    for config in configs.values():
+        engine.plan(config)
+    return list(configs)
+
+
 def validate(experiment: Experiment, load: bool = False) -> str:
-    """A description of the experiment; raises ExperimentError (or MergeInputError) naming the problem."""
+    """A description of the experiment; raises a UserError naming the problem. The tasks are looked
+    up in lm-eval's index; with ``load``, their datasets are read and the models opened too."""
     refs = {alias: str(resolve_model(ref, load=load)) for alias, ref in experiment.models.items()}
     lines = [f"experiment {experiment.name}: study {experiment.study_name!r}, sampler {experiment.study.sampler}, "
              f"pruner {experiment.study.pruner}, {experiment.study.trials} trials, seed {experiment.seed}",
@@ -40,15 +67,21 @@ def validate(experiment: Experiment, load: bool = False) -> str:
         soup = experiment.soup
         lines.append(f"greedy soup over {len(soup.ingredients)} ingredients, order {soup.order}, "
                      f"noise-aware {soup.noise_aware}")
-        configs = {"uniform soup": soup_config(experiment, refs, soup.ingredients)}
     else:
         lines.append("search space:")
         lines += [f"  {name:<36} {dist}" for name, dist in full_space(experiment).items()]
-        configs = sample_configs(experiment, refs)
-    engine = Engine(Parents.open(dict.fromkeys(refs.values()))) if load else None
-    for label, config in configs.items():
-        # mergekit's own MergeConfiguration checks every config; --load also plans it against the weights
-        engine.plan(config) if engine else load_config(config)
-    lines.append(f"{len(configs)} sample config(s) accepted by mergekit"
-                 + (" and planned against the parents' weights" if load else "") + ": " + ", ".join(configs))
+    if load:
+        from merge_core import Engine, Parents
+
+        labels = check_configs(experiment, refs, Engine(Parents.open(dict.fromkeys(refs.values()))))
+        lines.append(f"{len(labels)} sample config(s) accepted by mergekit and planned against the parents' "
+                     f"weights: {', '.join(labels)}")
+    else:
+        labels = list(configs_to_check(experiment, refs))
+        lines.append(f"{len(labels)} sample config(s) built: {', '.join(labels)} (--load has mergekit check them "
+                     "against the weights)")
+    specs = [TaskSpec.of(task) for task in experiment.evaluation.tasks]
+    (load_tasks if load else known_tasks)(specs)
+    lines.append(f"tasks {', '.join(experiment.evaluation.task_names)}: known to lm-eval"
+                 + (", datasets read" if load else ""))
     return "\n".join(lines)

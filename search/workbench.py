@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
-from evals.harness import EvalResult, Evaluator
+from evals.harness import EvalResult, Evaluator, known_tasks
+from evals.spec import TaskSpec
 from merge_core import BuildReport, Engine, Parents
-from search.experiment import Experiment, pick_device, resolve_model
+from search.experiment import Experiment, ExperimentError, pick_device, resolve_model
 
 
 class Workbench:
@@ -17,9 +18,14 @@ class Workbench:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         self.experiment = experiment
         self.device = pick_device(device)
+        known_tasks([TaskSpec.of(task) for task in experiment.evaluation.tasks])  # an unknown task fails first
         self.refs: dict[str, str] = {alias: str(resolve_model(ref)) for alias, ref in experiment.models.items()}
         self.engine = Engine(Parents.open(dict.fromkeys(self.refs.values()), self.device))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.refs[experiment.base_model])
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.refs[experiment.base_model])
+        except (OSError, ValueError) as problem:  # no tokenizer files, or ones transformers cannot read
+            raise ExperimentError(f"model {experiment.models[experiment.base_model]}: the base model's tokenizer, "
+                                  f"which every evaluation uses, cannot be loaded ({type(problem).__name__})") from None
         self._evaluator: Evaluator | None = None
 
     def build(self, config: Mapping, seed: int) -> BuildReport:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import yaml
 
 PICO_SLERP = {
@@ -23,3 +24,21 @@ def write_experiment(folder: Path, experiment: dict = PICO_SLERP, name: str = "e
     path = folder / name
     path.write_text(yaml.safe_dump({**experiment, **changes}, sort_keys=False))
     return path
+
+
+def study_in(folder: Path, name: str = "pico-slerp") -> optuna.Study:
+    """The study that `soupsearch run` keeps in ``folder``'s default journal."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(folder / ".soupsearch" / "journal.log")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def runs_in(folder: Path, experiment: str = "pico-slerp"):
+    """The MLflow client on ``folder``'s default store, and every run of ``experiment``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id])

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -249,3 +253,27 @@ def test_twenty_models_sum_in_torchs_order(method, pico_zoo, tmp_path, block):
         {"model": name, "parameters": {"weight": 0.1 + 0.05 * index - 0.5 * (index == 3), "density": 0.7}}
         for index, name in enumerate(names)]}
     assert_equals_mergekit_given_the_same_masks(stored, config)
+
+
+def test_kernels_compile_once_then_every_process_reads_them_from_numbas_cache(pico_zoo, tmp_path):
+    """A fresh numba cache: the first process compiles each kernel its builds use, a second one
+    compiles none (a run also builds every method once before its first trial)."""
+    builds = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from merge_configs import configs
+from merge_core import Engine, Parents, kernels
+zoo = Path({str(pico_zoo)!r})
+engine = Engine(Parents.open(zoo / name for name in {MODELS!r}))
+for name in ("slerp_gradient", "dare_ties"):
+    engine.build({{**configs(zoo)[name], "dtype": "float32"}}, seed=1)
+print(json.dumps({{name: [sum(getattr(kernels, name).stats.cache_hits.values()),
+                          sum(getattr(kernels, name).stats.cache_misses.values())]
+                   for name in ("slerp", "task_arithmetic", "masked_abs")}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", builds], env=env, capture_output=True,
+                                               text=True, check=True, timeout=600).stdout) for _ in range(2))
+    assert all(misses > 0 for _, misses in first.values()), first  # compiled: nothing was cached yet
+    assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second

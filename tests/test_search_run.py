@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -15,26 +14,10 @@ from safetensors.torch import load_file
 
 from merge_core.config import load_config
 from search.cli import main
-from search.study import leaderboard
-from tests.search_helpers import write_experiment
+from search.leaderboard import leaderboard
+from tests.search_helpers import runs_in, study_in, write_experiment
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-def _study(folder: Path, name: str = "pico-slerp") -> optuna.Study:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(folder / ".soupsearch" / "journal.log")))
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def _runs(folder: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("pico-slerp")
-    return client, client.search_runs([experiment.experiment_id])
 
 
 def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, monkeypatch, capsys):
@@ -44,16 +27,17 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
     assert "study pico-slerp: 3 complete" in capsys.readouterr().out
     assert main(["status", str(path)]) == 0
     assert "study pico-slerp: 3 complete" in capsys.readouterr().out
-    study = _study(tmp_path)
+    study = study_in(tmp_path)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 3
     assert trials[0].params["slerp/t/self_attn/1"] == 1.0  # the warm start ran first
 
-    client, runs = _runs(tmp_path)
+    client, runs = runs_in(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 3 == len(runs) - 1
-    by_number = {int(r.data.tags["soupsearch.trial"]): r for r in children}
+    trial_runs = [r for r in children if "soupsearch.trial" in r.data.tags]
+    assert len(parents) == 1 and len(trial_runs) == 3 and len(children) == 3 + 2 == len(runs) - 1  # + 2 baselines
+    by_number = {int(r.data.tags["soupsearch.trial"]): r for r in trial_runs}
     for trial in trials:
         run = by_number[trial.number]
         assert run.info.status == "FINISHED"
@@ -97,7 +81,9 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
 
 
 def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_path):
-    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [64]},
+    # the parents' baselines are scored before the first trial: on a few select and test items only
+    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [64], "select_limit": 8,
+                                                  "test_limit": 8},
                             study={"sampler": "random", "trials": 4})
     command = [sys.executable, "-m", "search.cli", "run", str(path)]
     worker = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -108,7 +94,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
         if not (tmp_path / ".soupsearch" / "journal.log").exists():
             continue
         try:
-            trials = _study(tmp_path).get_trials(deepcopy=False)
+            trials = study_in(tmp_path).get_trials(deepcopy=False)
         except KeyError:
             continue
         # mid-trial: every parameter suggested (6: 3 filters x 2 anchors), the candidate being scored
@@ -118,11 +104,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
             killed = running[0]
     worker.wait(timeout=600)  # no kill: the run finishes its four trials
     assert killed is not None, "the run ended before it could be killed mid-trial"
-    assert _study(tmp_path).get_trials(deepcopy=False)[killed.number].state == TrialState.RUNNING
+    assert study_in(tmp_path).get_trials(deepcopy=False)[killed.number].state == TrialState.RUNNING
 
     resumed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    trials = _study(tmp_path).get_trials(deepcopy=False)
+    trials = study_in(tmp_path).get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(complete) == 4
@@ -130,11 +116,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
     retry = [t for t in complete if t.user_attrs.get("retry_of") == killed.number]
     assert len(retry) == 1
     assert "interrupted" in retry[0].user_attrs["retry_reason"]
-    note = {row["trial"]: row["note"] for row in leaderboard(_study(tmp_path))}[killed.number]
+    note = {row["trial"]: row["note"] for row in leaderboard(study_in(tmp_path))}[killed.number]
     assert note.startswith("interrupted") and note.endswith(f"re-run as trial {retry[0].number}")
     assert retry[0].params == killed.params == failed[0].params and retry[0].user_attrs["seed"] == killed.user_attrs["seed"]
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no duplicate trial
-    client, runs = _runs(tmp_path)
+    client, runs = runs_in(tmp_path)
     states = {int(r.data.tags["soupsearch.trial"]): r.info.status for r in runs if "soupsearch.trial" in r.data.tags}
     assert states.pop(killed.number) == "FAILED"
     assert sorted(states) == sorted(t.number for t in complete) and set(states.values()) == {"FINISHED"}
@@ -167,10 +153,10 @@ def test_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(pico_zoo
                             study={"trials": 2})
     assert main(["run", str(path)]) == 0
     assert "2 complete, 1 fail" in capsys.readouterr().out
-    trials = _study(tmp_path).get_trials(deepcopy=False)
+    trials = study_in(tmp_path).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert "non-finite weights" in trials[1].user_attrs["fail_reason"]
-    client, runs = _runs(tmp_path)
+    client, runs = runs_in(tmp_path)
     failed = [r for r in runs if r.data.tags.get("soupsearch.trial") == "1"]
     assert failed[0].info.status == "FAILED" and "non-finite" in failed[0].data.tags["soupsearch.fail_reason"]
 
@@ -201,7 +187,8 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     import json
     import urllib.request
 
-    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32]},
+    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8,
+                                                  "test_limit": 8},
                             study={"sampler": "random", "trials": 1})
     command = [sys.executable, "-m", "search.cli"]
     subprocess.run([*command, "run", str(path)], cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600)
@@ -211,7 +198,7 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     for worker in workers:  # communicate: a full stderr pipe must not block a worker
         _, errors = worker.communicate(timeout=600)
         assert worker.returncode == 0, errors[-2000:]
-    complete = _study(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = study_in(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert 9 <= len(complete) <= 10  # each stops at 9; both may finish the last one at once
     assert len({t.user_attrs["owner"] for t in complete}) == 3
     assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete)
@@ -239,7 +226,7 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r["info"]["run_id"] for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
     assert len(parents) == 1
-    assert sum(t.get("mlflow.parentRunId") == parents[0] for t in tags) == len(complete)
+    assert sum(t.get("mlflow.parentRunId") == parents[0] for t in tags) == len(complete) + 2  # and 2 baselines
 
 
 def test_same_seed_gives_the_same_study_and_dare_export_reproduces_it(pico_zoo, tmp_path, monkeypatch):
@@ -254,9 +241,9 @@ def test_same_seed_gives_the_same_study_and_dare_export_reproduces_it(pico_zoo, 
         monkeypatch.chdir(folder)
         path = write_experiment(folder, **dare)
         assert main(["run", str(path), "--seed", "7"]) == 0
-        results.append([(t.params, t.value, t.user_attrs["seed"]) for t in _study(folder).trials])
+        results.append([(t.params, t.value, t.user_attrs["seed"]) for t in study_in(folder).trials])
     assert results[0] == results[1]
     assert main(["export", str(path), "--out", str(tmp_path / "b" / "export")]) == 0
     scores = yaml.safe_load((tmp_path / "b" / "export" / "scores.json").read_text())
     # DARE draws random masks: the export rebuilt them from the trial's seed and matched its search score
-    assert scores["search_objective_reproduced"] == _study(tmp_path / "b").trials[scores["trial"]].value
+    assert scores["search_objective_reproduced"] == study_in(tmp_path / "b").trials[scores["trial"]].value

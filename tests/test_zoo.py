@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from search.cli import main
-from search.zoo.build import MANIFEST, ZooError, build_zoo, open_zoo, verify, zoo_dir
-from search.zoo.recipe import PICO, RECIPES
+from search.zoo import build
+from search.zoo.build import MANIFEST, ZooError, build_zoo, open_zoo, read_lock, unpack_zoo, verify, zoo_dir
+from search.zoo.recipe import PICO, RECIPES, recipe_for
 
 
 def test_zoo_holds_every_model_of_the_recipe(pico_zoo):
@@ -50,11 +51,65 @@ def test_every_model_round_trips_through_save_and_load(pico_zoo, tmp_path):
             assert torch.equal(model(ids).logits, again(ids).logits)
 
 
-def test_zoo_build_is_deterministic(pico_zoo, tmp_path, monkeypatch):
-    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
-    rebuilt = build_zoo(PICO, progress=False)
-    assert rebuilt != pico_zoo
-    assert verify(rebuilt)["files"] == verify(pico_zoo)["files"]
+@pytest.mark.parametrize("variant", ["pico", "tiny"])
+def test_published_weights_are_the_current_recipe_and_match_the_lock(variant):
+    """A recipe change must be followed by `zoo build --train` and `zoo publish`, or this fails."""
+    entry = read_lock()[variant]
+    assert entry["folder"] == RECIPES[variant].folder_name
+    folder = build.PUBLISHED / variant
+    on_disk = {str(p.relative_to(folder)): build._sha256(p) for p in folder.rglob("*") if p.is_file()}
+    assert on_disk == entry["files"]
+    assert {f.split("/")[0] for f in on_disk} == set(RECIPES[variant].models)
+
+
+def test_the_zoo_every_test_uses_is_the_published_one(pico_zoo, capsys):
+    manifest = verify(pico_zoo)
+    assert manifest["files"] == read_lock()["pico"]["files"]
+    assert main(["zoo", "verify", "--variant", "pico"]) == 0
+    assert "equal the published zoo" in capsys.readouterr().out
+
+
+def test_a_zoo_that_differs_from_the_published_one_is_named(pico_zoo, tmp_path, monkeypatch, capsys):
+    """What a training run on another CPU gives: intact files with other bits."""
+    copy = _copy_zoo(pico_zoo, tmp_path, monkeypatch)
+    victim = copy / "general" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x01")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["general/model.safetensors"] = build._sha256(victim)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["zoo", "verify", "--variant", "pico"]) == 1
+    assert "general/model.safetensors" in capsys.readouterr().err
+
+
+def test_tampered_published_weights_are_refused_by_name(tmp_path, monkeypatch):
+    published = tmp_path / "published"
+    shutil.copytree(build.PUBLISHED / "pico", published / "pico")
+    victim = published / "pico" / "base" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    monkeypatch.setattr(build, "PUBLISHED", published)
+    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ZooError, match="base/model.safetensors"):
+        unpack_zoo(PICO)
+    assert not zoo_dir(PICO).exists() and not list((tmp_path / "cache" / "zoo").glob(".pico-*"))
+
+
+def test_other_seeds_are_other_zoos_and_are_never_published(monkeypatch):
+    assert recipe_for("pico").folder_name == PICO.folder_name
+    monkeypatch.setenv("SOUPSEARCH_ZOO_SEED", "2")
+    assert recipe_for("pico").seed == 2 and recipe_for("pico").folder_name != PICO.folder_name
+    assert build.published(recipe_for("pico")) is None
+    with pytest.raises(ZooError, match="only the recipe's own seed"):
+        build.publish(recipe_for("pico"))
+
+
+@pytest.mark.slow
+def test_training_from_the_recipe_is_deterministic_on_one_machine(tmp_path, monkeypatch):
+    """Two trainings on this machine agree bit for bit (other CPUs may not: hence the published weights)."""
+    builds = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path / name))
+        builds.append(verify(build_zoo(PICO, progress=False))["files"])
+    assert builds[0] == builds[1]
 
 
 def _copy_zoo(pico_zoo, tmp_path, monkeypatch):
@@ -128,6 +183,20 @@ def test_specialist_outscores_base_on_its_task(pico_zoo, task):
     assert sum(specialist) < 0.95 * sum(base)
     # paired: better on over 60% of the 200 items (a sign test's p < 0.002 under no difference)
     assert sum(s < b for s, b in zip(specialist, base)) > 0.6 * len(test)
+
+
+@pytest.mark.parametrize("replay", [0.15, 0.5])
+def test_a_fine_tune_replays_the_other_tasks_at_the_recipe_share(replay):
+    from dataclasses import replace
+
+    from search.zoo.train import mixture
+
+    recipe = replace(PICO, replay=replay)
+    shares = recipe.fine_tune_mixture("tiny_gsm8k")
+    assert sum(shares.values()) == pytest.approx(1) and shares["tiny_gsm8k"] == pytest.approx(1 - replay)
+    streams = {t: iter(lambda t=t: {"task": t}, None) for t in shares}
+    drawn = [item for _, item in zip(range(20_000), mixture(streams, shares, 0, lambda item: item["task"]))]
+    assert drawn.count("tiny_gsm8k") / len(drawn) == pytest.approx(1 - replay, abs=0.01)
 
 
 def test_recipes_are_hashed_into_their_folder_names():

@@ -1,8 +1,11 @@
-"""Build, cache and verify the tiny zoo.
+"""Get, cache and verify the tiny zoo: unpacked from the published weights, or trained from the recipe.
 
-A build trains in a staging folder and renames it into place only after every model is saved
-and ``manifest.json`` (sha256 of every file) is written last, so a killed build leaves nothing
-that looks finished. ``open_zoo`` re-hashes the files before handing out paths.
+Training depends on the CPU (vector width changes float sums), so the weights that every figure in
+docs/ stands on are published in the repository (``published/<variant>/``) with a lock file of the
+sha256 of every file (``zoo.lock.json``); the recipe still rebuilds them (``zoo build --train``).
+Either way the zoo is assembled in a staging folder and renamed into place only after
+``manifest.json`` (sha256 of every file) is written last, so a killed build leaves nothing that
+looks finished. ``open_zoo`` re-hashes the files before handing out paths.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,14 +27,17 @@ from tqdm import tqdm
 
 from evals.tasks import cache_root
 from evals.tasks.synthetic import eval_items, format_document, training_stream
-from search.zoo.recipe import ARITHMETIC, RECIPES, TASKS, WORD_PROBLEMS, Recipe
+from search.zoo.recipe import ARITHMETIC, TASKS, WORD_PROBLEMS, Recipe, recipe_for
 from search.zoo.tokenizer import train_tokenizer
 from search.zoo.train import mixture, new_model, train
+from user_input import UserError
 
 MANIFEST = "manifest.json"
+PUBLISHED = Path(__file__).parent / "published"
+LOCK = Path(__file__).parent / "zoo.lock.json"
 
 
-class ZooError(RuntimeError):
+class ZooError(UserError):
     """The zoo cache is missing, partial or corrupted."""
 
 
@@ -44,6 +51,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
 
 
 def verify(folder: Path) -> dict:
@@ -61,20 +73,69 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def open_zoo(name: str = "tiny", build: bool = True, progress: bool = True) -> Path:
-    """The verified folder of zoo ``name``; builds it (or rebuilds a corrupted one) if allowed."""
-    recipe = RECIPES[name]
+def read_lock() -> dict:
+    return json.loads(LOCK.read_text()) if LOCK.is_file() else {}
+
+
+def weights_digest(files: dict[str, str]) -> str:
+    """One name for a zoo's exact bits: the sha256 of its files' sha256 digests."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def published(recipe: Recipe) -> dict | None:
+    """The lock entry of ``recipe``'s published weights, or None if this recipe was never published."""
+    entry = read_lock().get(recipe.name)
+    if entry is None or entry["folder"] != recipe.folder_name or not (PUBLISHED / recipe.name).is_dir():
+        return None
+    return entry
+
+
+def differences(recipe: Recipe, manifest: dict) -> list[str]:
+    """Files in which a zoo's manifest differs from the published lock (missing, extra or other bits)."""
+    entry = read_lock().get(recipe.name)
+    if entry is None or entry["folder"] != recipe.folder_name:
+        raise ZooError(f"zoo {recipe.folder_name}: not published (zoo.lock.json has "
+                       f"{entry['folder'] if entry else 'no ' + recipe.name + ' entry'})")
+    expected, actual = entry["files"], manifest["files"]
+    return sorted(f for f in expected.keys() | actual.keys() if expected.get(f) != actual.get(f))
+
+
+def open_zoo(name: str = "tiny", build: bool = True, progress: bool = True, seed: int | None = None) -> Path:
+    """The verified folder of zoo ``name``: the cache, else the published weights, else a training run."""
+    recipe = recipe_for(name, seed)
     try:
         verify(zoo_dir(recipe))
         return zoo_dir(recipe)
     except ZooError:
         if not build:
             raise
+    if published(recipe) is not None:
+        return unpack_zoo(recipe)
     return build_zoo(recipe, progress=progress, reuse=True)
 
 
+def unpack_zoo(recipe: Recipe) -> Path:
+    """Copy the published weights into the cache; ZooError naming a file that does not match the lock."""
+    entry = published(recipe)
+    if entry is None:
+        raise ZooError(f"zoo {recipe.folder_name}: no published weights in {PUBLISHED}")
+
+    def copy_published(staging: Path) -> None:
+        shutil.copytree(PUBLISHED / recipe.name, staging, dirs_exist_ok=True)
+        bad = differences(recipe, {"files": _digests(staging)})
+        if bad:
+            raise ZooError(f"{PUBLISHED / recipe.name}: {', '.join(bad[:5])} do not match {LOCK.name}")
+
+    return _install(recipe, copy_published, "published", reuse=True)
+
+
 def build_zoo(recipe: Recipe, progress: bool = True, reuse: bool = False) -> Path:
-    """Train the zoo under a per-recipe lock; with ``reuse``, a zoo another process built meanwhile is kept."""
+    """Train the zoo from its recipe; with ``reuse``, a zoo another process made meanwhile is kept."""
+    return _install(recipe, lambda staging: _train_all(recipe, staging, progress), "trained", reuse)
+
+
+def _install(recipe: Recipe, fill: Callable[[Path], None], source: str, reuse: bool) -> Path:
+    """Fill a staging folder under a per-recipe lock, write its manifest last, then rename it into place."""
     folder = zoo_dir(recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with (folder.parent / f"{recipe.folder_name}.lock").open("w") as lock:
@@ -90,15 +151,9 @@ def build_zoo(recipe: Recipe, progress: bool = True, reuse: bool = False) -> Pat
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{recipe.folder_name}-"))
         try:
-            _train_all(recipe, staging, progress)
-            files = sorted(p for p in staging.rglob("*") if p.is_file())
-            manifest = {
-                "recipe": asdict(recipe),
-                "digest": recipe.digest,
-                "models": recipe.models,
-                "torch": torch.__version__,
-                "files": {str(p.relative_to(staging)): _sha256(p) for p in files},
-            }
+            fill(staging)
+            manifest = {"recipe": asdict(recipe), "digest": recipe.digest, "models": recipe.models,
+                        "source": source, "torch": torch.__version__, "files": _digests(staging)}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             if folder.exists():
                 shutil.rmtree(folder)
@@ -106,6 +161,26 @@ def build_zoo(recipe: Recipe, progress: bool = True, reuse: bool = False) -> Pat
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def publish(recipe: Recipe) -> Path:
+    """Make the cached zoo of ``recipe`` the published one: its files into PUBLISHED, its digests into the lock."""
+    if recipe.seed != 0:
+        raise ZooError(f"zoo {recipe.folder_name}: only the recipe's own seed (0) is published")
+    manifest = verify(zoo_dir(recipe))
+    target = PUBLISHED / recipe.name
+    staging = PUBLISHED / f".{recipe.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(zoo_dir(recipe), staging, ignore=shutil.ignore_patterns(MANIFEST))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    lock = read_lock() | {recipe.name: {"folder": recipe.folder_name, "torch": manifest["torch"],
+                                        "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
+                                        "files": manifest["files"]}}
+    tmp = LOCK.with_suffix(".tmp")
+    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n")
+    tmp.replace(LOCK)
+    return target
 
 
 def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
@@ -134,9 +209,7 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     save("base", base)
 
     def fine_tune(label: str, task: str, stream_seed: int, schedule):
-        others = (1 - recipe.replay) / (len(TASKS) - 1)
-        weights = {t: others for t in TASKS} | {task: 1 - recipe.replay}
-        documents = mixture(streams(stream_seed), weights, stream_seed, format_document)
+        documents = mixture(streams(stream_seed), recipe.fine_tune_mixture(task), stream_seed, format_document)
         return fit(label, copy.deepcopy(base), documents, schedule)
 
     specialists = {}

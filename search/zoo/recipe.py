@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 
-from search.zoo.train import Schedule, Shape
-
-ZOO_FORMAT = 3  # bump when the trainer or the folder layout changes what a recipe builds
+ZOO_FORMAT = 4  # bump when the trainer or the folder layout changes what a recipe builds
 ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
 WORD_PROBLEMS = "tiny_gsm8k"
 TASKS = (*ARITHMETIC, WORD_PROBLEMS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The Mistral hyperparameters a zoo model is built with."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 256
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One training run: AdamW with linear warmup and cosine decay."""
+
+    steps: int
+    lr: float
+    batch_size: int = 32
+    warmup: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,10 +47,12 @@ class Recipe:
     ingredients: tuple[Schedule, ...]  # the soup sweep: fine-tunes on the word problems
     # tasks whose specialist trains longer: multiplication is the hardest, and at the common
     # length its gain over the base stayed inside the 95% CI
-    specialist_scale: tuple[tuple[str, float], ...] = (("tiny_multiplication", 2.5),)
-    replay: float = 0.15  # share of the other tasks mixed into every fine-tune, against forgetting
+    specialist_scale: tuple[tuple[str, float], ...] = (("tiny_multiplication", 4.0),)
+    replay: float = 0.5  # share of the other tasks mixed into every fine-tune, against forgetting
     general_density: float = 0.5  # DARE-TIES over the arithmetic specialists
-    threads: int = 2  # CPU threads change the float sums, so they are part of the recipe
+    # CPU threads change the float sums, so they are part of the recipe; one thread also keeps a
+    # build from stalling when other work shares the cores
+    threads: int = 1
     tokenizer_documents: int = 2000
     seed: int = 0
 
@@ -43,6 +68,10 @@ class Recipe:
     def specialist_schedule(self, task: str) -> Schedule:
         scale = dict(self.specialist_scale).get(task, 1.0)
         return replace(self.specialist, steps=round(self.specialist.steps * scale))
+
+    def fine_tune_mixture(self, task: str) -> dict[str, float]:
+        """Each task's share of a fine-tune's documents: ``1 - replay`` for ``task``, the rest split evenly."""
+        return {t: self.replay / (len(TASKS) - 1) for t in TASKS} | {task: 1 - self.replay}
 
     @property
     def models(self) -> list[str]:
@@ -77,7 +106,9 @@ TINY = Recipe(
                 intermediate_size=256),
     vocab_size=384,
     base=Schedule(steps=1200, lr=3e-3, batch_size=32, warmup=50),
-    specialist=Schedule(steps=400, lr=1e-3, batch_size=32, warmup=10, seed=1),
+    # gentle fine-tunes keep task vectors small beside the base, as in LLM fine-tuning, so that they
+    # add up: at 1e-3 the sum of the arithmetic ones collapsed the model (docs/zoo.md)
+    specialist=Schedule(steps=600, lr=3e-4, batch_size=32, warmup=10, seed=1),
     ingredients=_sweep(steps=100, lr=1e-3),
 )
 
@@ -89,9 +120,19 @@ PICO = replace(
     vocab_size=320,
     base=Schedule(steps=250, lr=5e-3, batch_size=16, warmup=20),
     specialist=Schedule(steps=100, lr=3e-3, batch_size=16, warmup=5, seed=1),
+    specialist_scale=(("tiny_multiplication", 2.5),),
     ingredients=tuple(replace(s, batch_size=16) for s in _sweep(steps=12, lr=3e-3)),
     tokenizer_documents=600,
-    threads=1,
 )
 
 RECIPES = {r.name: r for r in (TINY, PICO)}
+
+
+def recipe_for(variant: str, seed: int | None = None) -> Recipe:
+    """``variant``'s recipe with training seed ``seed`` (default: $SOUPSEARCH_ZOO_SEED, else 0).
+
+    Other seeds redraw every source of training noise, to check that the zoo's claims are not luck.
+    """
+    if seed is None:
+        seed = int(os.environ.get("SOUPSEARCH_ZOO_SEED", "0"))
+    return replace(RECIPES[variant], seed=seed)

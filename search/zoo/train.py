@@ -5,34 +5,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-
-@dataclass(frozen=True)
-class Shape:
-    """The Mistral hyperparameters a zoo model is built with."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    max_position_embeddings: int = 256
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One training run: AdamW with linear warmup and cosine decay."""
-
-    steps: int
-    lr: float
-    batch_size: int = 32
-    warmup: int = 20
-    weight_decay: float = 0.0
-    seed: int = 0
+from search.zoo.recipe import Schedule, Shape
 
 
 def new_model(shape: Shape, tokenizer: PreTrainedTokenizerFast, seed: int) -> MistralForCausalLM:

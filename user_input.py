@@ -1,0 +1,65 @@
+"""What users hand us: the one error family for bad input, and YAML read strictly.
+
+``search``, ``merge_core`` and ``evals`` each raise their own subclass of ``UserError``;
+``soupsearch`` maps the whole family to exit code 2 in one place. This module sits beside the
+three packages, so that neither ``merge_core`` nor ``evals`` imports another package for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+class UserError(Exception):
+    """A mistake in what the user gave; the one-line message names the file, key, model, task or tensor."""
+
+
+def one_line(problem: ValidationError) -> str:
+    """pydantic's errors as ``loc: message; ...``, without its multi-line layout and links."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in problem.errors())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` then an override is intended
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeConstructor refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> object:
+    """``text`` read with yaml's safe loader, refusing duplicate keys; UserError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        what = getattr(problem, "problem", None) or " ".join(str(problem).split())  # a ReaderError has neither
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{where}: not valid YAML: {what}{at}") from None
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text file at ``path``; UserError naming the file when it is binary or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as problem:
+        raise UserError(f"{path}: not UTF-8 text (byte {problem.start}); is it a binary file?") from None
+    except OSError as problem:
+        raise UserError(f"{path}: cannot be read ({problem.strerror})") from None
