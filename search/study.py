@@ -338,8 +338,9 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
 def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
     """On the parent run: the leaderboard, the best config and Optuna's plots."""
     rows = leaderboard(study)
-    tracker.client.log_table(parent, data={k: [r[k] for r in rows] for k in rows[0]} if rows else {},
-                             artifact_file="leaderboard.json")
+    # rewritten as a whole: MLflow's log_table appends, so every resume would add the rows again
+    columns = list(rows[0]) if rows else []
+    tracker.log(parent, dicts={"leaderboard.json": {"columns": columns, "data": [[r[k] for k in columns] for r in rows]}})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete and len(study.directions) == 1:
         best = study.best_trial

@@ -129,3 +129,16 @@ def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
     assert recorded.tags["soupsearch.verdict"] == verdict["sentence"]
     assert recorded.metrics["verdict/test/objective/points"] == verdict["test"]["objective"]["points"]
     assert len(_baseline_runs(tmp_path)) == 2  # export read the parents from the study too
+
+
+def test_the_recorded_leaderboard_lists_each_trial_once_after_resumes(pico_zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, evaluation={"tasks": [TASK], "fidelity": [4], "select_limit": 4,
+                                                  "test_limit": 4}, study={"sampler": "random", "trials": 1})
+    for trials in ("1", "2", "3"):
+        assert main(["run", str(path), "--trials", trials]) == 0
+    client, runs = runs_in(tmp_path)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags).info.run_id
+    table = _artifact(client, parent, "leaderboard.json")
+    recorded = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted(str(r["trial"]) for r in recorded) == ["0", "1", "2", "general", "math"]
