@@ -285,14 +285,18 @@ def _status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from search.leaderboard import summary
-    from search.study import Settings, open_study
+    from search.study import Settings, interrupted, open_study
 
     experiment = _experiment(args.file)
     study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
     print(summary(study))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
-        print(f"running: trial {trial.number} on {trial.user_attrs.get('owner', '?')} since {trial.datetime_start}")
+        owner = trial.user_attrs.get("owner", "?")
+        if interrupted(trial):  # the next `run` or `worker` fails it and runs it again
+            print(f"interrupted: trial {trial.number} on {owner}, started {trial.datetime_start}")
+        else:
+            print(f"running: trial {trial.number} on {owner} since {trial.datetime_start}")
     return EXIT_OK
 
 

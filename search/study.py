@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # torch, mergekit and lm-eval load only where a trial runs: `
 DEFAULT_JOURNAL = Path(".soupsearch") / "journal.log"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RECORDED = "mlflow_recorded_trials"  # user attr: how many trials the parent run's records cover
+# a trial names its owner as it starts: one without an owner this long after its start was cut off before
+OWNERLESS_GRACE = timedelta(minutes=5)
 
 
 class StorageError(UserError):
@@ -140,21 +143,29 @@ def _owner_dead(owner: str) -> bool:
     return False
 
 
+def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose process is gone, or that never named its process within the grace period."""
+    if "owner" in trial.user_attrs:
+        return _owner_dead(trial.user_attrs["owner"])
+    return trial.datetime_start is not None and datetime.now() - trial.datetime_start > OWNERLESS_GRACE
+
+
 def recover_interrupted(study: optuna.Study, tracker: Tracker) -> list[int]:
-    """Fail each RUNNING trial whose process is gone and enqueue it again with its params and seed."""
+    """Fail each interrupted RUNNING trial and enqueue it again with its params and seed."""
     retried = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("owner")
-        if owner is None or not _owner_dead(owner):
+        if not interrupted(trial):
             continue
+        owner = trial.user_attrs.get("owner", "a process that never named itself")
         # journal storage has no heartbeat; tell() fails any RUNNING trial by number
         study.tell(trial.number, state=TrialState.FAIL)
         if "mlflow_run_id" in trial.user_attrs:
             tracker.tag(trial.user_attrs["mlflow_run_id"], "soupsearch.fail_reason", f"interrupted: {owner} ended mid-trial")
             tracker.tag(trial.user_attrs["mlflow_run_id"], STATE_TAG, TrialState.FAIL.name)
             tracker.end(trial.user_attrs["mlflow_run_id"], "FAILED")
-        study.enqueue_trial(trial.params, user_attrs={"seed": trial.user_attrs["seed"], "retry_of": trial.number,
-                                                      "retry_reason": f"interrupted: {owner} ended mid-trial"})
+        seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
+        study.enqueue_trial(trial.params, user_attrs=seed | {"retry_of": trial.number,
+                                                             "retry_reason": f"interrupted: {owner} ended mid-trial"})
         retried.append(trial.number)
     return retried
 
@@ -221,7 +232,7 @@ class Objective:
             eval_s += more.seconds
             trial.set_user_attr("eval_s", eval_s)
             if not more.ok:
-                self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s})
+                self.tracker.log(run, metrics={"merge_s": merge_s, "eval_s": eval_s}, step=rung)
                 raise TrialFailed(f"evaluation failed at {rung} items: {more.error}")
             value = objective(result)
             self._report(trial, result, value, rung, reported)
@@ -229,7 +240,7 @@ class Objective:
             trial.set_user_attr("objective", value)  # a pruned trial's score, where it stopped
             metrics = split_metrics("search", value, result) | {
                 "fidelity": rung, "merge_s": merge_s, "eval_s": eval_s, "total_s": time.perf_counter() - started}
-            self.tracker.log(run, metrics=metrics)
+            self.tracker.log(run, metrics=metrics, step=rung)
             if trial.should_prune():
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
                 raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")
@@ -330,7 +341,8 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
             study.optimize(objective, n_trials=remaining + settings.trials, timeout=settings.timeout,
                            catch=(TrialFailed,), gc_after_trial=False,
                            callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress])
-    if not join:
+    # the last process to stop records the study: any other still running a trial records it after this one
+    if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)
     return study
 

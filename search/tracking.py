@@ -109,11 +109,12 @@ class Tracker:
                                       tags={MLFLOW_PARENT_RUN_ID: parent, **tags}).info.run_id
 
     def log(self, run: str, params: dict | None = None, metrics: dict | None = None,
-            texts: dict[str, str] | None = None, dicts: dict[str, dict] | None = None) -> None:
+            texts: dict[str, str] | None = None, dicts: dict[str, dict] | None = None, step: int = 0) -> None:
+        """``step``: the x axis of the metrics' history in MLflow (a trial's: items scored per task)."""
         from mlflow.entities import Metric, Param
 
         now = _now_ms()
-        self.client.log_batch(run, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        self.client.log_batch(run, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
                               params=[Param(k, str(v)) for k, v in (params or {}).items()])
         for path, text in (texts or {}).items():
             self.client.log_text(run, text, path)

@@ -247,3 +247,78 @@ def test_same_seed_gives_the_same_study_and_dare_export_reproduces_it(pico_zoo, 
     scores = yaml.safe_load((tmp_path / "b" / "export" / "scores.json").read_text())
     # DARE draws random masks: the export rebuilt them from the trial's seed and matched its search score
     assert scores["search_objective_reproduced"] == study_in(tmp_path / "b").trials[scores["trial"]].value
+
+
+@pytest.mark.slow
+def test_the_last_process_to_stop_records_every_finished_trial_once(pico_zoo, tmp_path):
+    import json
+
+    path = write_experiment(tmp_path, study={"sampler": "random", "trials": 6})
+    command = [sys.executable, "-m", "search.cli"]
+    # `run` stops at 2 finished trials while the workers go on to 6: a worker must record the study
+    run = subprocess.Popen([*command, "run", str(path), "--trials", "2"], cwd=tmp_path, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        try:
+            study_in(tmp_path)
+            break
+        except (KeyError, FileNotFoundError, ValueError):
+            time.sleep(0.2)
+    workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "6"], cwd=tmp_path, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in [run, *workers]:  # communicate: a full stderr pipe must not block a process
+        _, errors = process.communicate(timeout=600)
+        assert process.returncode == 0, errors[-2000:]
+    finished = [t.number for t in study_in(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                         TrialState.PRUNED))]
+    client, runs = runs_in(tmp_path)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0].info.run_id
+    table = json.loads(Path(client.download_artifacts(parent, "leaderboard.json")).read_text())
+    column = table["columns"].index("trial")
+    recorded = [row[column] for row in table["data"] if row[table["columns"].index("state")] != "BASELINE"]
+    assert len(finished) >= 6 and sorted(recorded) == sorted(finished)
+
+
+def test_each_fidelity_rung_is_logged_at_its_number_of_items(pico_zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [4, 8], "select_limit": 8,
+                                                  "test_limit": 8}, study={"sampler": "random", "trials": 1})
+    assert main(["run", str(path)]) == 0
+    client, runs = runs_in(tmp_path)
+    trial_run = [r for r in runs if "soupsearch.trial" in r.data.tags][0].info.run_id
+    assert [m.step for m in client.get_metric_history(trial_run, "search/objective")] == [4, 8]
+
+
+def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_interrupted(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import socket
+    from datetime import timedelta
+
+    import optuna
+
+    from search import study as study_module
+    from search.experiment import load_experiment
+    from search.study import Settings, open_study, recover_interrupted
+
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path)
+    experiment = load_experiment(path)
+    study = open_study(experiment, Settings.of(experiment))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask({"slerp/t/self_attn/0": optuna.distributions.FloatDistribution(0, 1)})
+    orphan.set_user_attr("owner", f"{socket.gethostname()}:{dead.pid}")
+    orphan.set_user_attr("seed", 5)
+    alive = study.ask()
+    alive.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
+    unnamed = study.ask()
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"interrupted: trial {orphan.number} on" in out and f"running: trial {alive.number} on" in out
+    assert f"running: trial {unnamed.number} on ?" in out  # still within the grace period
+    assert recover_interrupted(study, None) == [orphan.number]
+    monkeypatch.setattr(study_module, "OWNERLESS_GRACE", timedelta(0))
+    assert recover_interrupted(study, None) == [unnamed.number]
+    retries = {t.user_attrs["retry_of"]: t for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
+    assert retries[orphan.number].user_attrs["seed"] == 5 and "seed" not in retries[unnamed.number].user_attrs
