@@ -2,7 +2,7 @@
 
     python benchmarks/merge_bench.py            # ~0.1B-parameter Mistral shape on the CPU
     python benchmarks/merge_bench.py --quick    # a tiny shape, one repeat (CI)
-    python benchmarks/merge_bench.py --device cuda --shape 2b   # ANCHORS.md's 2.0B shape on a GPU
+    python benchmarks/merge_bench.py --device cuda --shape 2b   # a 2.0B-parameter Mistral shape on a GPU
 
 Parents are random-weight Mistral folders (a base and fine-tunes = base + small noise) written to
 a temporary folder. The engine is timed after one warm-up build (which fills the per-study cache;

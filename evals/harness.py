@@ -1,9 +1,9 @@
 """Score a resident model with lm-eval on fixed item subsets, keeping per-item results.
 
 The model is wrapped in lm-eval's HFLM once, the tasks are loaded once, the batch size is probed
-once, and each split's prompts are built once; every ``score`` call then goes through
-``lm_eval.evaluator.evaluate`` with ``samples=`` (the cheap path, see ANCHORS.md), so weights
-swapped in place between calls are picked up without any reload.
+once (on GPUs), and each split's prompts are built once; every ``score`` call then goes through
+``lm_eval.evaluator.evaluate`` with ``samples=`` (the cheap path: no per-call seeding, environment
+report or hub lookup), so weights swapped in place between calls are picked up without any reload.
 
 lm-eval's ``cache_requests`` is not used: its key ignores ``samples``, so a second item subset
 would silently be served the first one's prompts. Prompts are memoized here instead, per task
