@@ -32,12 +32,12 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
-def install(python: Path) -> None:
+def install(python: Path, extras: str) -> None:
     pip = (python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
     has_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch and shutil.which("nvidia-smi") is None:
         sh(*pip, CPU_TORCH)
-    sh(*pip, "-e", ".[dev]")
+    sh(*pip, "-e", f".[{extras}]")
 
 
 def main() -> int:
@@ -46,7 +46,8 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     python = venv_python()
-    install(python)
+    # the tests also drive a PostgreSQL storage and tracking store, through psycopg 3
+    install(python, "dev,postgres" if job == "test" else "dev")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     soupsearch = VENV / "bin" / "soupsearch"

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from search.zoo.build import open_zoo  # the benchmark only borrows the zoo; evals never imports search
+    from zoo.build import open_zoo  # the benchmark only borrows the zoo; evals never imports search
 
     folder = open_zoo(args.zoo, progress=False) / args.model
     if args.shape == "7b":

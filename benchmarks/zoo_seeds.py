@@ -3,12 +3,15 @@ recipe seeds and writes the robustness section at the end of docs/zoo.md.
 
     .venv/bin/python benchmarks/zoo_seeds.py                  # seeds 0 1 2 of the tiny zoo
     .venv/bin/python benchmarks/zoo_seeds.py --seeds 0 --out /tmp/zoo.md   # the published zoo alone
+    # seeds in parallel, one core each, then the section from the kept rows:
+    for s in 0 1 2; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_seeds.py --seeds $s --rows rows & done; wait
+    .venv/bin/python benchmarks/zoo_seeds.py --rows rows
 
-For each seed: the zoo (seed 0 is the published one; other seeds are trained, about 5 minutes
-each on 2 cores), then every claim docs/zoo.md makes, measured as `soupsearch zoo report`
-measures it; the README's main job (`soupsearch run` and `soupsearch export` of
-experiments/tiny_slerp.yaml, in a scratch folder); and the greedy soup of experiments/tiny_soup.yaml.
-It does not run in CI: three seeds take about half an hour on 2 cores, most of it training.
+For each seed: the zoo (seed 0 is the published one; other seeds are trained), then every claim
+docs/zoo.md makes, measured as `soupsearch zoo report` measures it; the README's main job
+(`soupsearch run` and `soupsearch export` of experiments/tiny_slerp.yaml, in a scratch folder);
+and the soups of experiments/tiny_soup.yaml. It does not run in CI: it trains two tiny zoos
+(docs/zoo.md gives the time).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from search.zoo.recipe import TASKS, recipe_for  # noqa: E402
-from search.zoo.report import KEEP_MARK, measure  # noqa: E402
+from zoo.recipe import TASKS, recipe_for  # noqa: E402
+from zoo.report import KEEP_MARK, measure  # noqa: E402
 
 
 def _soupsearch(*args: str, cwd: Path, seed: int) -> None:
@@ -56,7 +59,7 @@ def soup(seed: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"zoo-soup{seed}-") as scratch:
         settings = Settings.of(experiment, storage=f"{scratch}/journal.log", tracking_uri=f"sqlite:///{scratch}/mlflow.db")
         results = Souper(experiment, settings).run()
-    objective = experiment.evaluation.weights
+    objective = experiment.evaluation.objective_function
     return {r.name: objective(r.test) for r in results}
 
 
@@ -82,7 +85,9 @@ def section(rows: list[dict]) -> list[str]:
              "A specialist beats the base when the two 95% Wilson intervals do not overlap; a merge of two "
              "specialists beats both parents on the mean of their two tasks, with weights chosen on select as "
              "above; the demo is the README's main job (`soupsearch run` and `soupsearch export` of "
-             "`experiments/tiny_slerp.yaml`), judged on its objective; the soups are `experiments/tiny_soup.yaml`.",
+             "`experiments/tiny_slerp.yaml`), judged on its objective. The soups (`experiments/tiny_soup.yaml`) are "
+             "reported, not claimed: the greedy soup takes its members on select, so on test it can fall below the "
+             "best single ingredient by the noise of 200 items.",
              "",
              "| seed | zoo | specialist beats base (" + ", ".join(short) + ") | task arithmetic beats both parents "
              "| TIES beats both parents | demo winner vs parents (objective) | demo verdict "
@@ -113,8 +118,6 @@ def _failures(row: dict) -> list[str]:
     verdict = row["demo"]["verdict"]
     if any(row["demo"]["test_objective"] <= b["test_objective"] for b in verdict["parents"].values()):
         failures.append("the demo's winner does not beat both parents on test")
-    if row["soup"]["greedy soup"] < row["soup"]["best single"]:
-        failures.append("the greedy soup scores below the best single ingredient on test")
     return failures
 
 

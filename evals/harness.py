@@ -7,171 +7,38 @@ report or hub lookup), so weights swapped in place between calls are picked up w
 
 lm-eval's ``cache_requests`` is not used: its key ignores ``samples``, so a second item subset
 would silently be served the first one's prompts. Prompts are memoized here instead, per task
-and split, in the doc order lm-eval itself uses.
+and split, in the doc order lm-eval itself uses. Every touch of lm-eval's internals is in
+``evals.lm_eval_patches``; the result types are in ``evals.results``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
-import logging
 import math
 import os
-import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from evals import lm_eval_patches as patches
+from evals.results import EvalResult, TaskScore
 from evals.spec import TaskSpec
 from evals.splits import ItemSplits, split_items
-from evals.stats import mean_ci
 from evals.tasks import BUNDLED_TASKS, cache_root, include_path
 from user_input import UserError
+
 
 FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default for the few-shot sampler
 
 
 class TaskError(UserError):
     """A task that cannot be loaded or scored as asked; the message names it and says what to do."""
-
-
-class EvaluationFailed(RuntimeError):
-    """Raised when scores are read from an evaluation that failed; the reason is its message."""
-
-
-def safe_metric_name(name: str) -> str:
-    """``exact_match,strict-match`` -> ``exact_match_strict-match``: MLflow rejects commas."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
-
-
-@dataclass
-class TaskScore:
-    """One task's metric on one item subset; ``per_item`` follows ``doc_ids``, in the split's order."""
-
-    task: str
-    split: str
-    metric: str
-    doc_ids: list[int]
-    per_item: list[float]
-    mean: float = field(init=False)
-    ci_low: float = field(init=False)
-    ci_high: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.mean, self.ci_low, self.ci_high = mean_ci(self.per_item)
-
-    @property
-    def key(self) -> str:
-        """An MLflow-safe metric name, e.g. ``gsm8k/exact_match_strict-match``."""
-        return f"{self.task}/{safe_metric_name(self.metric)}"
-
-
-@dataclass
-class EvalResult(Mapping[str, TaskScore]):
-    """One evaluation: scores by task, or the reason it failed. Reading a failed one raises."""
-
-    split: str
-    scores: dict[str, TaskScore]
-    seconds: float
-    model_seconds: float  # inside the model's own forward passes and generate
-    batch_size: int
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def overhead_share(self) -> float:
-        return 1 - self.model_seconds / self.seconds
-
-    def __getitem__(self, task: str) -> TaskScore:
-        if self.error is not None:
-            raise EvaluationFailed(self.error)
-        return self.scores[task]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.scores)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def record(self) -> dict:
-        """Everything about this evaluation as plain JSON: per-item results included."""
-        return {
-            "split": self.split,
-            "error": self.error,
-            "seconds": self.seconds,
-            "model_seconds": self.model_seconds,
-            "batch_size": self.batch_size,
-            "tasks": {name: dataclasses.asdict(score) for name, score in self.scores.items()},
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping) -> EvalResult:
-        """The evaluation that ``record()`` wrote, per-item scores and all."""
-        given = [f.name for f in dataclasses.fields(TaskScore) if f.init]
-        scores = {name: TaskScore(**{key: score[key] for key in given}) for name, score in record["tasks"].items()}
-        return cls(record["split"], scores, record["seconds"], record["model_seconds"], record["batch_size"],
-                   record["error"])
-
-    def extended(self, more: EvalResult) -> EvalResult:
-        """This evaluation followed by ``more``, a later stretch of the same split's order: the
-        scores of the longer prefix, without scoring this one's items again."""
-        if not more.ok:
-            return more
-        scores = {name: dataclasses.replace(score, doc_ids=score.doc_ids + more.scores[name].doc_ids,
-                                            per_item=score.per_item + more.scores[name].per_item)
-                  if name in more.scores else score for name, score in self.scores.items()}
-        return EvalResult(self.split, scores, self.seconds + more.seconds,
-                          self.model_seconds + more.model_seconds, more.batch_size)
-
-    def table(self) -> str:
-        rows = [f"{'task':<24} {'metric':<28} {'split':<7} {'n':>5} {'mean':>7}  95% CI"]
-        rows += [
-            f"{s.task:<24} {s.metric:<28} {s.split:<7} {len(s.per_item):>5} {100 * s.mean:>6.1f}%  "
-            f"[{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}]"
-            for s in self.scores.values()
-        ]
-        return "\n".join(rows if self.ok else [f"evaluation failed: {self.error}"])
-
-    def metrics(self) -> dict[str, float]:
-        """Flat, MLflow-safe metrics: each task's mean and its 95% interval."""
-        flat = {}
-        for score in self.values():
-            flat |= {score.key: score.mean, f"{score.key}/ci_low": score.ci_low, f"{score.key}/ci_high": score.ci_high}
-        return flat
-
-
-class _ModelClock:
-    """Seconds spent in the model's own forward passes and generate; the rest is our overhead."""
-
-    def __init__(self, lm) -> None:
-        import torch  # here: reading scores back and checking task names need no torch
-
-        self.seconds = 0.0
-        self._sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-        for name in ("_model_generate", "_model_call"):
-            setattr(lm, name, self._timed(getattr(lm, name)))
-
-    def _timed(self, method):
-        @functools.wraps(method)
-        def timed(*args, **kwargs):
-            self._sync()
-            start = time.perf_counter()
-            out = method(*args, **kwargs)
-            self._sync()
-            self.seconds += time.perf_counter() - start
-            return out
-
-        return timed
 
 
 def _local_copy(spec: TaskSpec, manager) -> str:
@@ -221,7 +88,7 @@ def _configure(task, spec: TaskSpec) -> None:
 def _metric_key(task, spec: TaskSpec) -> str:
     """The 'metric,filter' key to report: the spec's, else the task's first metric and filter."""
     metrics = list(task.aggregation())
-    filters = [f.name for f in task._filters]  # lm-eval names a task without a filter_list "none"
+    filters = patches.filter_names(task)
     key = spec.metric or f"{metrics[0]},{filters[0]}"
     metric, filter_name = key.split(",")
     if metric not in metrics or filter_name not in filters:
@@ -229,16 +96,6 @@ def _metric_key(task, spec: TaskSpec) -> str:
     if task.aggregation()[metric].__name__ != "mean":
         raise TaskError(f"task {spec.task!r}: metric {metric!r} is not a mean over items, so it has no per-item score")
     return key
-
-
-def _score_only(task, key: str) -> None:
-    """Drop the filters and metrics that are not reported: lm-eval runs every filter over every
-    answer and computes every metric per item and filter, and an Evaluator reports one of each."""
-    metric, filter_name = key.split(",")
-    task._filters = [f for f in task._filters if f.name == filter_name]
-    for table in (task._metric_fn_list, task._metric_fn_kwargs, task._aggregation_list, task._higher_is_better):
-        for name in [name for name in table if name != metric]:
-            del table[name]
 
 
 @functools.cache
@@ -291,80 +148,6 @@ def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
     return tasks
 
 
-def _cache_jinja_templates() -> None:
-    """lm-eval recompiles a task's Jinja template for every doc and metric; compile each one once."""
-    from lm_eval import utils
-
-    if not hasattr(utils.env.from_string, "cache_info"):
-        utils.env.from_string = functools.lru_cache(maxsize=1024)(utils.env.from_string)
-
-
-def _memoize_tokenization(lm) -> None:
-    """The prompts, so their tokens and their batches, are the same in every trial: encode each
-    once. lm-eval re-encodes every prompt to sort requests and again to batch them, per call."""
-    encode, batch_encode = lm.tok_encode, lm.tok_batch_encode
-
-    @functools.lru_cache(maxsize=None)
-    def encoded(string: str, add_special_tokens, left_truncate_len) -> tuple[int, ...]:
-        return tuple(encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len))
-
-    @functools.lru_cache(maxsize=4096)
-    def batch_encoded(strings: tuple[str, ...], padding_side, left_truncate_len, truncation):
-        return batch_encode(list(strings), padding_side=padding_side, left_truncate_len=left_truncate_len,
-                            truncation=truncation)
-
-    def tok_encode(string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
-        if kwargs:
-            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
-        return list(encoded(string, add_special_tokens, left_truncate_len))
-
-    def tok_batch_encode(strings: list[str], padding_side: str = "left", left_truncate_len=None,
-                         truncation: bool = False):
-        ids, mask = batch_encoded(tuple(strings), padding_side, left_truncate_len, truncation)
-        return ids.clone(), mask.clone()  # generate() may keep or move them; the cache stays intact
-
-    lm.tok_encode, lm.tok_batch_encode = tok_encode, tok_batch_encode
-
-
-def _freeze_eval_docs(task) -> None:
-    """evaluate() walks all of a task's evaluation docs on every call, decoding each row of its
-    datasets table (and re-running ``process_docs``), and renders each doc's target through Jinja
-    twice: read the docs once, as a list, and render each of their targets once."""
-    docs = list(task.eval_docs)
-    setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
-    targets: dict[int, object] = {}
-    frozen = {id(doc) for doc in docs}  # these dicts live as long as the task: their ids are stable
-    render = task.doc_to_target
-
-    def doc_to_target(doc, *args, **kwargs):
-        if args or kwargs or id(doc) not in frozen:
-            return render(doc, *args, **kwargs)
-        if id(doc) not in targets:
-            targets[id(doc)] = render(doc)
-        return targets[id(doc)]
-
-    task.doc_to_target = doc_to_target
-
-
-@contextlib.contextmanager
-def _quiet_request_building() -> Iterator[None]:
-    """lm-eval draws a progress bar per task and split while it builds prompts (a fraction of a
-    second here, once): inside the caller's own bars it is noise, so build without it."""
-    import lm_eval.api.task as lm_task
-
-    bar = lm_task.tqdm
-    lm_task.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        lm_task.tqdm = bar
-
-
-def _serve(task, requests: list) -> None:
-    """evaluate() rebuilds a task's prompts on every call; make it take the ones built once."""
-    task.build_all_requests = lambda **_: setattr(task, "_instances", requests)
-
-
 class Evaluator:
     """One HFLM around one resident model, re-scored as often as its weights change."""
 
@@ -378,35 +161,25 @@ class Evaluator:
         max_batch_size: int = 64,
         split_seed: int = 0,
     ) -> None:
-        from lm_eval.models.huggingface import HFLM
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _cache_jinja_templates()
+        patches.cache_jinja_templates()
         specs = [TaskSpec.of(task) for task in tasks]
         self.specs = {spec.task: spec for spec in specs}
         chat = [name for name, spec in self.specs.items() if spec.chat_template]
         if chat and not getattr(tokenizer, "chat_template", None):
             raise TaskError(f"chat_template is on for {chat}, but the model's tokenizer has no chat template")
-        hflm_log = logging.getLogger("lm_eval.models.huggingface")
-        level = hflm_log.level
-        hflm_log.setLevel(logging.ERROR)  # its two warnings about a model object are what we intend
-        try:
-            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_batch_size=max_batch_size)
-        finally:
-            hflm_log.setLevel(level)
+        self.lm = patches.hflm(model, tokenizer, max_batch_size)
         self.batch_size = None if batch_size == "auto" else int(batch_size)
-        self.lm.batch_size_per_gpu = self.batch_size or 1
-        self._clock = _ModelClock(self.lm)
-        for name in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
-            # one bar per request batch floods the caller's own progress bar (trial x/N)
-            setattr(self.lm, name, functools.partial(getattr(self.lm, name), disable_tqdm=True))
-        _memoize_tokenization(self.lm)
+        patches.set_batch_size(self.lm, self.batch_size or 1)
+        self._clock = patches.ModelClock(self.lm)
+        patches.quiet_model(self.lm)
+        patches.memoize_tokenization(self.lm)
         self.tasks = load_tasks(specs)
         for task in self.tasks.values():
-            _freeze_eval_docs(task)
+            patches.freeze_eval_docs(task)
         self.metrics = {name: _metric_key(task, self.specs[name]) for name, task in self.tasks.items()}
         for name, task in self.tasks.items():
-            _score_only(task, self.metrics[name])
+            patches.score_only(task, self.metrics[name])
         self.splits: dict[str, ItemSplits] = {
             name: split_items(name, len(task.eval_docs), split_seed) for name, task in self.tasks.items()
         }
@@ -414,7 +187,8 @@ class Evaluator:
 
     def use_batch_size(self, batch_size: int) -> None:
         """Score with this batch size from now on (e.g. the one a study probed), without probing."""
-        self.batch_size = self.lm.batch_size_per_gpu = int(batch_size)
+        self.batch_size = int(batch_size)
+        patches.set_batch_size(self.lm, self.batch_size)
 
     def item_ids(self, task: str, split: str, limit: int | None = None, fidelity: float | None = None) -> list[int]:
         """The doc ids scored for ``split``: search in its fixed order (a fidelity is a prefix of it)."""
@@ -432,7 +206,7 @@ class Evaluator:
             task, spec = self.tasks[name], self.specs[name]
             ids = sorted(self.splits[name].ids(split))
             task.set_fewshot_seed(seed=FEWSHOT_SEED)  # the same few-shot draw as a fresh lm_eval run on this split
-            with _quiet_request_building():
+            with patches.quiet_request_building():
                 type(task).build_all_requests(
                     task,
                     samples=ids,
@@ -470,7 +244,7 @@ class Evaluator:
             return len(self.lm.tok_encode(text)) + (instance.args[1].get("max_gen_toks", self.lm.max_gen_toks) if generates else 0)
 
         length = min(self.lm.max_length, max(map(tokens, requests)))
-        return self.lm._detect_batch_size([(None, [0] * (length + 1), [])])
+        return patches.detect_batch_size(self.lm, length)
 
     def score(
         self,
@@ -499,12 +273,12 @@ class Evaluator:
         requests = {name: self.built_requests(name, split, ids[name]) for name in names}
         if self.batch_size is None:
             self.batch_size = self._probe_batch_size([r for rs in requests.values() for r in rs])
-            self.lm.batch_size_per_gpu = self.batch_size
+            patches.set_batch_size(self.lm, self.batch_size)
         start, self._clock.seconds = time.perf_counter(), 0.0
         try:
             check_finite(self.lm.model)
             for name in names:
-                _serve(self.tasks[name], requests[name])
+                patches.serve(self.tasks[name], requests[name])
             results = evaluate(
                 self.lm,
                 {"tasks": {name: self.tasks[name] for name in names}, "groups": {}, "group_map": {}},

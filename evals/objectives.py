@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:  # an experiment file is read without loading torch through the harness
-    from evals.harness import TaskScore
+    from evals.results import TaskScore
 
 
 class Objective(BaseModel):

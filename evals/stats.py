@@ -36,22 +36,6 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> None:
         raise ValueError(f"paired scores need two equal, non-empty lists; got {len(a)} and {len(b)} items")
 
 
-def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided exact McNemar p-value for 0/1 scores of two models on the same items.
-
-    Only discordant items count: under H0 each of the n = b + c of them favours A with
-    probability 1/2, so p = min(1, 2 * P[Binomial(n, 1/2) <= min(b, c)]).
-    """
-    _paired(a, b)
-    if not all(s in (0, 1) for s in (*a, *b)):
-        raise ValueError("McNemar's test needs 0/1 scores; use paired_bootstrap for graded ones")
-    only_a = sum(1 for x, y in zip(a, b) if x > y)
-    only_b = sum(1 for x, y in zip(a, b) if y > x)
-    n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 @dataclass(frozen=True)
 class PairedDifference:
     mean: float  # mean of A - B over the items (a weighted mean of per-task means when stratified)

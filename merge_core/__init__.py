@@ -1,10 +1,28 @@
-"""Build mergekit merges in memory, exactly as mergekit-yaml would, into one reused candidate."""
+"""Build mergekit merges in memory, exactly as mergekit-yaml would, into one reused candidate.
 
-from merge_core.engine import BuildReport, Candidate, Engine
-from merge_core.errors import MergeInputError
-from merge_core.export import merge_to_folder
-from merge_core.parents import Parents
-from merge_core.planner import MergePlan, plan_merge
+The names below are imported on first use: ``merge_core.methods.registry`` is read by code that
+loads no torch.
+"""
 
-__all__ = ["BuildReport", "Candidate", "Engine", "MergeInputError", "MergePlan", "Parents",
-           "merge_to_folder", "plan_merge"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from merge_core.engine import BuildReport, Candidate, Engine
+    from merge_core.errors import MergeInputError
+    from merge_core.export import merge_to_folder
+    from merge_core.parents import Parents
+    from merge_core.planner import MergePlan, plan_merge
+
+_MODULES = {"BuildReport": "engine", "Candidate": "engine", "Engine": "engine", "MergeInputError": "errors",
+            "MergePlan": "planner", "Parents": "parents", "merge_to_folder": "export", "plan_merge": "planner"}
+__all__ = ["BuildReport", "Candidate", "Engine", "MergeInputError", "MergePlan", "Parents", "merge_to_folder",
+           "plan_merge"]
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'merge_core' has no attribute {name!r}")
+    return getattr(import_module(f"merge_core.{_MODULES[name]}"), name)

@@ -11,13 +11,12 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from merge_core import fast
+from merge_core import methods
 from merge_core.config import ConfigSource, load_config
 from merge_core.errors import MergeInputError
+from merge_core.methods.common import StudyCache, tensor_seed
 from merge_core.parents import Parents
 from merge_core.planner import MergePlan, TensorJob, plan_merge
-
-_SEEDED_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"})
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Engine:
         self.device = parents.device
         self.device_budget = device_budget
         self.use_fast_paths = use_fast_paths
-        self.cache = fast.StudyCache(parents)
+        self.cache = StudyCache(parents)
         self.candidate: Candidate | None = None
         self._accounted = 0
         self._peak = 0
@@ -84,7 +83,8 @@ class Engine:
         if self.candidate is None or not self.candidate.fits(plan.out_config):
             self.candidate = None  # release the old structure before allocating the new one
             self.candidate = Candidate(plan.out_config, plan, self.device)
-        fast_path = self.use_fast_paths and plan.method in fast.FAST_METHODS
+        method = methods.get(plan.method)
+        fast_path = self.use_fast_paths and method.fast
         self._place_parents(plan, fast_path)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -95,9 +95,9 @@ class Engine:
                 scratch = 2 * sum(t.numel() * t.element_size() for t in inputs)
                 self._account(scratch)  # merge temporaries: roughly twice the inputs
                 if fast_path:
-                    self._fast(plan.method, job, inputs, seed, target)
+                    self._fast(method, job, inputs, seed, target)
                 else:
-                    with _seeded(seed, job.name, self.device, plan.method in _SEEDED_METHODS):
+                    with _seeded(seed, job.name, self.device, method.seeded):
                         target.copy_(merge_tensors(
                             inputs, plan.method, parameters={**job.shared, **job.per_input},
                             ids=job.models, base_index=job.base, name=job.name,
@@ -111,21 +111,16 @@ class Engine:
             peak_cuda_bytes=torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None)
 
-    def _fast(self, method: str, job: TensorJob, inputs: list[torch.Tensor], seed: int,
+    def _fast(self, method: methods.Method, job: TensorJob, inputs: list[torch.Tensor], seed: int,
               target: torch.Tensor) -> None:
         if job.in_dtype is not None:
             inputs = [tensor.to(job.in_dtype) for tensor in inputs]
-        if method == "linear":
-            fast.linear(job, inputs, target)
-        elif method == "slerp":
-            fast.slerp(job, inputs, self.cache, target)
-        else:
-            fast.task_arithmetic_family(method, job, inputs, self.cache, seed, target)
+        method.fast_path().merge(method, job, inputs, self.cache, seed, target)
 
     def _resident_bytes(self, plan: MergePlan, fast_path: bool) -> int:
         """The candidate, the fast path's device scratch, and the parents with the study cache when
         they are resident: what this build will hold on the device at most, before its transients."""
-        values, scratch = fast.footprint(plan, self.parents) if fast_path else (0, 0)
+        values, scratch = methods.footprint(plan, self.parents) if fast_path else (0, 0)
         resident = self.candidate.nbytes + max(scratch, self.cache.scratch.nbytes)
         if not self.parents.streamed:
             resident += self.parents.nbytes + max(values, self.cache.values_nbytes)
@@ -135,7 +130,7 @@ class Engine:
         """Decide once per study whether the parents live on the device or stream from the host."""
         if any(parent.tensors for parent in self.parents):
             return
-        values, scratch = fast.footprint(plan, self.parents) if fast_path else (0, 0)
+        values, scratch = methods.footprint(plan, self.parents) if fast_path else (0, 0)
         largest = max(sum(self.parents[s.model].headers[s.tensor].nbytes for s in job.sources)
                       for job in plan.jobs)
         # the parents and their cache, the candidate, the fast path's scratch and one tensor's
@@ -179,5 +174,5 @@ def _seeded(seed: int, name: str, device: torch.device, active: bool) -> Iterato
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(fast.tensor_seed(seed, name))
+        torch.manual_seed(tensor_seed(seed, name))
         yield

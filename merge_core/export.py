@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from merge_core.parents import Parents
 from merge_core.planner import MergePlan
 from user_input import parse_yaml, read_text
 
+from atomic import atomic_folder
 LOG = logging.getLogger(__name__)
 
 
@@ -37,14 +36,8 @@ def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = 
     engine = Engine(parents)
     plan = engine.plan(config)
     report = engine.build(plan, seed=seed)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
+    with atomic_folder(out) as staging:
         write_folder(engine, plan, config, text, staging, name=out.name)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -2,10 +2,10 @@
 
 Why our own kernels: torch runs one pass over memory per op, and the family's formula is about
 ten ops per element and model, so a torch build on the CPU is bound by those passes, not by the
-bytes of the parents (side by side with torch ops: TIES 1.8x, DARE 2x, SLERP 1.4x faster). Here
-every element goes through mergekit's whole formula in one pass, in cache-sized tiles, with the
-same fp32 ops in the same order as mergekit's torch ops (no fused multiply-adds, no
-reassociation), so the result is bit for bit mergekit's.
+bytes of the parents (docs/performance.md has the figures). Here every element goes through
+mergekit's whole formula in one pass, in cache-sized tiles, with the same fp32 ops in the same
+order as mergekit's torch ops (no fused multiply-adds, no reassociation), so the result is bit for
+bit mergekit's.
 
 DARE masks need no stored draws: element i of a tensor is kept when the top 32 bits of the i-th
 output of a SplitMix64 stream seeded by (trial seed, tensor, model) are below

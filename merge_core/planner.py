@@ -22,6 +22,7 @@ from mergekit.config import (ConfigReader, InputSliceDefinition, MergeConfigurat
                              OutputModuleDefinition, OutputSliceDefinition)
 from mergekit.merge_methods import MergeMethod
 from mergekit.parameter_resolver import resolve_parameter, resolve_parameters
+from mergekit.sparsify import SparsificationMethod
 from pydantic import ValidationError
 from transformers import PretrainedConfig
 
@@ -244,7 +245,7 @@ class _Planner:
             base=next((i for i, (m, _) in enumerate(pairs) if m == base), None),
             shared=shared, per_input=per_input, shape=headers[0].shape, in_dtype=in_dtype,
             out_dtype=torch_dtype(weight.force_dtype or self.config.out_dtype) or in_dtype or stored)
-        check_ranges(self.method.spec.name, job)
+        check_ranges(self.method, job)
         self.jobs.append(job)
 
 
@@ -259,15 +260,16 @@ def _resolves(parameter, reader: ConfigReader, tensor: str, models: list[ModelRe
     return True
 
 
-def check_ranges(method: str, job: TensorJob) -> None:
+def check_ranges(method: MergeMethod, job: TensorJob) -> None:
     """Reject the parameter values that mergekit itself only rejects mid-merge, or silently NaNs."""
+    bernoulli = getattr(method, "sparsification_method", None) == SparsificationMethod.random  # dare_*
     for parameter, value in [*job.shared.items(),
                              *((p, v) for p, values in job.per_input.items() for v in values.values())]:
         if isinstance(value, float) and not math.isfinite(value):
             raise MergeInputError(f"tensor {job.name}: parameter {parameter} is {value}")
     densities = job.per_input.get("density", {})
     for model, density in densities.items():
-        if method in ("dare_ties", "dare_linear") and density < 0:
+        if bernoulli and density < 0:
             # torch.bernoulli inside mergekit raises for a keep probability below 0.
             raise MergeInputError(f"model {model}, tensor {job.name}: density {density} < 0")
         epsilon = job.per_input.get("epsilon", {}).get(model)

@@ -18,7 +18,7 @@ from search.experiment import Experiment
 from search.tracking import Tracker, split_metrics
 
 if TYPE_CHECKING:  # `status` reads the rows without loading torch through them
-    from evals.harness import EvalResult
+    from evals.results import EvalResult
     from search.workbench import Workbench
 
 SPLITS = ("search", "select", "test")
@@ -55,7 +55,7 @@ def score(study: optuna.Study, experiment: Experiment, bench: Workbench, tracker
           parent_run: str) -> dict[str, dict[str, EvalResult]]:
     """Every parent on every split (alias -> split -> result): read from the study, or scored, with
     a progress display, where the study holds no result on these items yet."""
-    from evals.harness import EvalResult
+    from evals.results import EvalResult
     from search.soup import soup_config
 
     attrs, limits, todo = study.user_attrs, _limits(experiment), missing(study, experiment)
@@ -63,7 +63,7 @@ def score(study: optuna.Study, experiment: Experiment, bench: Workbench, tracker
                        for split in SPLITS if split not in todo.get(alias, ())} for alias in experiment.models}
     if not todo:
         return results
-    objective, runs = experiment.evaluation.weights, attrs.get(RUNS, {})
+    objective, runs = experiment.evaluation.objective_function, attrs.get(RUNS, {})
     with output.progress("baselines", sum(map(len, todo.values())), "eval") as shown:
         for alias, splits in todo.items():
             report = bench.build(soup_config(experiment, bench.refs, [alias]), experiment.seed)

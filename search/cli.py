@@ -9,96 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from search import output
+from zoo import cli as zoo_cli
 from user_input import UserError, one_line
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def _zoo_build(args: argparse.Namespace) -> int:
-    from search.zoo.build import build_zoo, open_zoo
-    from search.zoo.recipe import recipe_for
-
-    if args.train:
-        folder = build_zoo(recipe_for(args.variant, args.seed))
-    else:
-        folder = open_zoo(args.variant, seed=args.seed)
-    print(f"zoo {args.variant}: {folder}")
-    return EXIT_OK
-
-
-def _zoo_verify(args: argparse.Namespace) -> int:
-    from search.zoo.build import LOCK, ZooError, differences, verify, weights_digest, zoo_dir
-    from search.zoo.recipe import recipe_for
-
-    recipe = recipe_for(args.variant, args.seed)
-    folder = zoo_dir(recipe)
-    try:
-        manifest = verify(folder)
-        different = differences(recipe, manifest)
-    except ZooError as problem:
-        raise UserError(f"{problem}; run `soupsearch zoo build --variant {args.variant}`") from None
-    if different:
-        print(f"zoo {args.variant}: {folder} ({manifest.get('source', 'trained')}) differs from the published zoo "
-              f"in {len(different)} of {len(manifest['files'])} files: {', '.join(different[:6])}"
-              f"{' ...' if len(different) > 6 else ''}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"zoo {args.variant}: {len(manifest['files'])} files in {folder} equal the published zoo "
-          f"(weights {weights_digest(manifest['files'])}, {LOCK.name})")
-    return EXIT_OK
-
-
-def _zoo_publish(args: argparse.Namespace) -> int:
-    from search.zoo.build import ZooError, publish
-    from search.zoo.recipe import recipe_for
-
-    try:
-        target = publish(recipe_for(args.variant, 0))
-    except ZooError as problem:
-        raise UserError(f"{problem}; run `soupsearch zoo build --variant {args.variant} --train` first") from None
-    print(f"published zoo {args.variant} into {target}")
-    return EXIT_OK
-
-
-def _zoo_report(args: argparse.Namespace) -> int:
-    from search.zoo.report import write_report
-
-    path = write_report(args.variant, Path(args.out), progress=args.verbosity > output.QUIET, seed=args.seed)
-    print(f"wrote {path}")
-    return EXIT_OK
-
-
-def _add_zoo(commands: argparse._SubParsersAction) -> None:
-    zoo = commands.add_parser("zoo", help="get, verify, report on or publish the tiny model zoo")
-    actions = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
-
-    def variant(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--variant", choices=["tiny", "pico"], default="tiny",
-                            help="tiny (experiments, docs) or pico (unit tests); default tiny")
-        parser.add_argument("--seed", type=int, help="the recipe's training seed (default $SOUPSEARCH_ZOO_SEED, "
-                            "else 0; only seed 0 is published)")
-
-    build = actions.add_parser("build", help="unpack the published zoo (or train it when the recipe has none)")
-    variant(build)
-    build.add_argument("--train", "--force", action="store_true",
-                       help="train from the recipe even if published weights or a verified cache exist")
-    build.set_defaults(func=_zoo_build)
-
-    check = actions.add_parser("verify", help="check the cached zoo's checksums, and whether it equals the published one")
-    variant(check)
-    check.set_defaults(func=_zoo_verify)
-
-    release = actions.add_parser("publish", help="copy the cached zoo (seed 0) into the repository's published "
-                                 "weights and lock file (maintainers, after a recipe change)")
-    release.add_argument("--variant", choices=["tiny", "pico"], default="tiny", help="default tiny")
-    release.set_defaults(func=_zoo_publish)
-
-    report = actions.add_parser("report", help="score every zoo model on every task; write docs/zoo.md")
-    variant(report)
-    report.add_argument("--out", default="docs/zoo.md", help="where to write the table (default docs/zoo.md)")
-    report.set_defaults(func=_zoo_report)
 
 
 def _eval_specs(args: argparse.Namespace) -> list:
@@ -285,7 +202,8 @@ def _status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from search.leaderboard import summary
-    from search.study import Settings, interrupted, open_study
+    from search.study import Settings, open_study
+    from search.storage import interrupted
 
     experiment = _experiment(args.file)
     study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
@@ -367,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     _add_study_commands(commands)
     _add_export(commands)
     _add_dashboard(commands)
-    _add_zoo(commands)
+    zoo_cli.add_commands(commands)
     _add_merge(commands)
     _add_eval(commands)
     _add_verbosity(top)

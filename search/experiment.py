@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from evals.objectives import Objective
 from evals.spec import TaskSpec
+from merge_core.methods import TASK_VECTOR_METHODS as TASK_VECTOR_METHODS  # for search.space
 from search.urls import expand, masked
 from user_input import UserError, one_line, parse_yaml, read_text
 
@@ -98,9 +99,6 @@ class TaskVectorSpace(_Strict):
         return self
 
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
-
-
 class Space(_Strict):
     """One section per merge method; with several, the method itself is a categorical choice."""
 
@@ -129,7 +127,7 @@ class Soup(_Strict):
 
     ingredients: list[str] = Field(min_length=2)
     order: Literal["select_score", "given"] = "select_score"
-    noise_aware: bool = False  # add only on a significant paired gain (McNemar)
+    noise_aware: bool = False  # add only on a significant paired gain (paired bootstrap over items)
     alpha: float = Field(default=0.05, gt=0, lt=1)
 
 
@@ -158,8 +156,12 @@ class Evaluation(_Strict):
         return [TaskSpec.of(task).task for task in self.tasks]
 
     @property
-    def weights(self) -> Objective:
+    def objective_function(self) -> Objective:
         return Objective(weights=self.objective or {name: 1.0 for name in self.task_names})
+
+    @property
+    def weights(self) -> Objective:  # TEMPALIAS
+        return self.objective_function
 
     @model_validator(mode="after")
     def _consistent(self) -> Evaluation:
@@ -168,7 +170,7 @@ class Evaluation(_Strict):
         unknown = sorted(set(self.objective or {}) - set(self.task_names))
         if unknown:
             raise ValueError(f"objective names task(s) {unknown} that are not in tasks {self.task_names}")
-        self.weights  # noqa: B018 -- runs Objective's own check on the weights
+        self.objective_function  # noqa: B018 -- runs Objective's own check on the weights
         return self
 
 
@@ -241,7 +243,7 @@ def resolve_model(reference: str, load: bool = True) -> Path | str:
 
     With ``load=False`` nothing is built or looked up: a zoo reference is only checked by name.
     """
-    from search.zoo.recipe import RECIPES
+    from zoo.recipe import RECIPES
 
     if reference.startswith("zoo:"):
         variant, _, model = reference[4:].partition("/")
@@ -252,7 +254,7 @@ def resolve_model(reference: str, load: bool = True) -> Path | str:
                                   f"(it has {', '.join(RECIPES[variant].models)})")
         if not load:
             return reference
-        from search.zoo.build import open_zoo
+        from zoo.build import open_zoo
 
         return open_zoo(variant) / model  # a first use trains the zoo (minutes), with its progress bar
     folder = Path(reference).expanduser()

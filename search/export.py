@@ -9,15 +9,14 @@ judged against its best parent (search.verdict), from the parents' scores the st
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import optuna
 import yaml
 from optuna.trial import TrialState
 
-from evals.harness import EvalResult
+from atomic import atomic_folder
+from evals.results import EvalResult
 from merge_core.config import load_config
 from merge_core.export import check_out_dir, write_folder
 from search import baselines, output
@@ -88,7 +87,7 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
     tracker = Tracker(settings.tracking_uri, experiment.name)
     parent_run = study.user_attrs["mlflow_parent_run_id"]
     parents = baselines.score(study, experiment, bench, tracker, parent_run)  # kept by `run`: read, not scored
-    objective = experiment.evaluation.weights
+    objective = experiment.evaluation.objective_function
     chosen, best = None, None
     shown = output.Progress("export", len(candidates) + 3, "step")
     for trial in candidates:
@@ -123,8 +122,7 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
         raise RuntimeError(f"trial {chosen.number} failed on the test split: {test.error}")
     shown.update(f"trial {chosen.number} on test: {objective(test):.4f}")
     verdict = compare(f"trial {chosen.number}", {"select": best, "test": test}, parents, objective, settings.seed)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
+    with atomic_folder(out) as staging:
         write_folder(bench.engine, plan, load_config(config), text, staging, name=out.name)
         card = model_card(experiment, chosen, config["merge_method"], text, best, test, verdict)
         (staging / "README.md").write_text(card)
@@ -134,11 +132,6 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
                   "select_objective": objective(best), "test_objective": objective(test),
                   "finalists": [t.number for t in candidates], "verdict": verdict.record()}
         (staging / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     shown.update(f"wrote {out}: weights, mergekit_config.yml, README.md, scores.json")
     shown.close()
     tracker.log(parent_run, metrics={"export/select_objective": record["select_objective"],

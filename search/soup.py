@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from evals.harness import EvalResult
+from evals.results import EvalResult
 from evals.stats import paired_bootstrap
 from search import output
 from search.experiment import Experiment
@@ -54,7 +54,7 @@ class Souper:
         self.bench.engine.plan(soup_config(experiment, self.bench.refs, experiment.soup.ingredients))
         self.tracker = Tracker(settings.tracking_uri, experiment.name)
         self.parent = self.tracker.parent_run(experiment.study_name)
-        self.objective = experiment.evaluation.weights
+        self.objective = experiment.evaluation.objective_function
         self.step = 0
         self.verdict: Verdict | None = None
         k = len(experiment.soup.ingredients)
@@ -118,7 +118,7 @@ class Souper:
 
 
 def table(results: list[SoupResult], experiment: Experiment) -> str:
-    objective = experiment.evaluation.weights
+    objective = experiment.evaluation.objective_function
     lines = [f"{'model':<14} {'select':>7} {'test':>7}  {'test 95% CI (first task)':<26} members"]
     for r in results:
         first = r.test[next(iter(r.test))]

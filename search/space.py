@@ -99,8 +99,9 @@ def _task_vector_models(experiment: Experiment) -> list[str]:
     return [alias for alias in experiment.models if alias != experiment.base_model]
 
 
-def _fixed(section, field: str, name: str, params: Params, anchors: int = 1):
-    """A held value as is; a searched one from ``params``, as a mergekit gradient if it has anchors."""
+def _resolved(section, field: str, name: str, params: Params, anchors: int = 1):
+    """A field's value in the config: a held value as is, a searched one from ``params`` (a mergekit
+    gradient if it has anchors)."""
     value = getattr(section, field)
     if not isinstance(value, Range):
         return value
@@ -123,20 +124,20 @@ def to_config(experiment: Experiment, params: Params, refs: Mapping[str, str]) -
                    "parameters": {"t": gradients}}
     elif method == "linear":
         config["models"] = [{"model": refs[alias], "parameters": {
-            "weight": _fixed(section, "weight", f"linear/weight/{alias}", params)}} for alias in experiment.models]
+            "weight": _resolved(section, "weight", f"linear/weight/{alias}", params)}} for alias in experiment.models]
         config["parameters"] = {"normalize": section.normalize}
     else:
         assert method in TASK_VECTOR_METHODS
         models = []
         for alias in _task_vector_models(experiment):
-            per_model = {"weight": _fixed(section, "weight", f"{method}/weight/{alias}", params, section.anchors)}
+            per_model = {"weight": _resolved(section, "weight", f"{method}/weight/{alias}", params, section.anchors)}
             if section.density is not None:
-                per_model["density"] = _fixed(section, "density", f"{method}/density/{alias}", params,
+                per_model["density"] = _resolved(section, "density", f"{method}/density/{alias}", params,
                                               section.anchors)
             models.append({"model": refs[alias], "parameters": per_model})
         config |= {"base_model": base, "models": models, "parameters": {}}
         if section.lambda_ is not None:
-            config["parameters"]["lambda"] = _fixed(section, "lambda_", f"{method}/lambda", params)
+            config["parameters"]["lambda"] = _resolved(section, "lambda_", f"{method}/lambda", params)
         if section.normalize is not None:
             config["parameters"]["normalize"] = section.normalize
     return config

@@ -1,13 +1,14 @@
-"""The Optuna loop: propose a config, build it in place, score it on nested search prefixes, record it."""
+"""The Optuna loop: propose a config, build it in place, score it on nested search prefixes, record it.
+
+Where the study is stored and how interrupted trials are re-run is ``search.storage``; what the
+parent MLflow run records at the end is ``search.report``.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import optuna
@@ -16,24 +17,18 @@ from optuna.trial import TrialState
 
 from search import baselines, output
 from search.experiment import Experiment
-from search.leaderboard import leaderboard, trial_value
+from search.leaderboard import trial_value
+from search.report import RECORDED, record_study
 from search.space import expand_warm_start, grid, suggest, to_config
+from search.storage import (DEFAULT_JOURNAL, RetryStale, StorageError, interrupted, open_storage, owner,
+                            recover_interrupted, storage_error)
 from search.tracking import STATE_TAG, Tracker, split_metrics
-from search.urls import driver_hint, masked
-from user_input import UserError
+from search.urls import masked
 
 if TYPE_CHECKING:  # torch, mergekit and lm-eval load only where a trial runs: `status` needs none
     from search.workbench import Workbench
 
-DEFAULT_JOURNAL = Path(".soupsearch") / "journal.log"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RECORDED = "mlflow_recorded_trials"  # user attr: how many trials the parent run's records cover
-# a trial names its owner as it starts: one without an owner this long after its start was cut off before
-OWNERLESS_GRACE = timedelta(minutes=5)
-
-
-class StorageError(UserError):
-    """The Optuna storage cannot be opened; the message names it, password masked."""
 
 
 class TrialFailed(Exception):
@@ -51,44 +46,18 @@ class Settings:
     device: str
     seed: int
 
+    def __repr__(self) -> str:
+        """The URLs with their passwords masked: the real ones stay in the fields, to connect with."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown |= {k: masked(v) for k in ("storage", "tracking_uri") if isinstance(v := shown[k], str)}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     @classmethod
     def of(cls, experiment: Experiment, **overrides) -> Settings:
         defaults = {"trials": experiment.study.trials, "timeout": experiment.study.timeout,
                     "storage": experiment.storage, "tracking_uri": experiment.tracking_uri,
                     "device": experiment.device, "seed": experiment.seed}
         return cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
-
-
-def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-    from optuna.storages.journal import JournalFileBackend
-
-    try:
-        if spec is not None and "://" in spec:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats and retries are used on purpose
-                return RDBStorage(spec, heartbeat_interval=60,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-        path = Path(spec) if spec else DEFAULT_JOURNAL
-        if not create and not path.is_file():
-            raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # absolute: Optuna's lock is a symlink to the path as given, so a relative one dangles, and the
-        # lock that a process killed mid-write leaves is then never broken: every later run would hang
-        return JournalStorage(JournalFileBackend(str(path.resolve())))
-    except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
-        raise _storage_error(spec, problem) from None
-
-
-def _storage_error(spec: str | None, problem: Exception) -> StorageError:
-    """One line naming the storage, its password masked, with the driver to install if one is missing."""
-    where = str(spec or DEFAULT_JOURNAL)
-    said = masked(where, " ".join(str(problem).split()))
-    return StorageError(f"storage {masked(where)}: {type(problem).__name__}: {said}{driver_hint(problem)}")
 
 
 def _sampler(experiment: Experiment, seed: int) -> optuna.samplers.BaseSampler:
@@ -122,52 +91,7 @@ def open_study(experiment: Experiment, settings: Settings, create: bool = True) 
         raise StorageError(f"storage {masked(str(settings.storage or DEFAULT_JOURNAL))}: no study "
                            f"{experiment.study_name!r}; start it with `soupsearch run`") from None
     except Exception as problem:  # noqa: BLE001 -- a journal damaged past its last line is read only here
-        raise _storage_error(settings.storage, problem) from None
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_dead(owner: str) -> bool:
-    """Only a process on this host can be checked; other hosts rely on RDB heartbeats."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
-    """A RUNNING trial whose process is gone, or that never named its process within the grace period."""
-    if "owner" in trial.user_attrs:
-        return _owner_dead(trial.user_attrs["owner"])
-    return trial.datetime_start is not None and datetime.now() - trial.datetime_start > OWNERLESS_GRACE
-
-
-def recover_interrupted(study: optuna.Study, tracker: Tracker) -> list[int]:
-    """Fail each interrupted RUNNING trial and enqueue it again with its params and seed."""
-    retried = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not interrupted(trial):
-            continue
-        owner = trial.user_attrs.get("owner", "a process that never named itself")
-        # journal storage has no heartbeat; tell() fails any RUNNING trial by number
-        study.tell(trial.number, state=TrialState.FAIL)
-        if "mlflow_run_id" in trial.user_attrs:
-            tracker.tag(trial.user_attrs["mlflow_run_id"], "soupsearch.fail_reason", f"interrupted: {owner} ended mid-trial")
-            tracker.tag(trial.user_attrs["mlflow_run_id"], STATE_TAG, TrialState.FAIL.name)
-            tracker.end(trial.user_attrs["mlflow_run_id"], "FAILED")
-        seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
-        study.enqueue_trial(trial.params, user_attrs=seed | {"retry_of": trial.number,
-                                                             "retry_reason": f"interrupted: {owner} ended mid-trial"})
-        retried.append(trial.number)
-    return retried
+        raise storage_error(settings.storage, problem) from None
 
 
 def enqueue_warm_starts(study: optuna.Study, experiment: Experiment) -> None:
@@ -175,7 +99,7 @@ def enqueue_warm_starts(study: optuna.Study, experiment: Experiment) -> None:
         study.enqueue_trial(expand_warm_start(experiment, start, f"warm_starts[{index}]"), skip_if_exists=True)
 
 
-class Objective:
+class TrialRunner:
     """One trial: suggest -> mergekit config -> in-place build -> scores at each fidelity rung."""
 
     def __init__(self, experiment: Experiment, bench: Workbench, tracker: Tracker, parent_run: str,
@@ -188,7 +112,7 @@ class Objective:
         # a re-run of an interrupted trial keeps that trial's seed, so it rebuilds the same weights
         seed = trial.user_attrs.get("seed", self.seed * 1_000_003 + trial.number)
         trial.set_user_attr("seed", seed)
-        trial.set_user_attr("owner", _owner())
+        trial.set_user_attr("owner", owner())
         run = self.tracker.trial_run(self.parent_run, trial.study.study_name, trial.number)
         trial.set_user_attr("mlflow_run_id", run)
         state = TrialState.FAIL
@@ -226,7 +150,7 @@ class Objective:
             raise TrialFailed(f"merge failed: {type(problem).__name__}: {problem}") from None
         merge_s = report.seconds
         trial.set_user_attr("merge_s", merge_s)
-        objective = self.experiment.evaluation.weights
+        objective = self.experiment.evaluation.objective_function
         eval_s, reported = 0.0, set()
         for rung, more, result in self.bench.score_rungs(self.experiment.evaluation.fidelity):
             eval_s += more.seconds
@@ -299,14 +223,19 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     check_configs(experiment, bench.refs, bench.engine)  # parents that cannot merge fail before the first trial
     tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
     study = open_study(experiment, settings, create=not join)
+    stale = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    if isinstance(stale, RetryStale):
+        stale.tracker = tracker  # a trial that this process finds stale gets its MLflow run ended
     parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent is None:
+    if parent is not None:
+        tracker.reopen(parent)  # a resumed study, or a worker joining: RUNNING while this process works
+    else:
         parent = tracker.parent_run(study.study_name)
         study.set_user_attr("mlflow_parent_run_id", parent)
         tracker.log(parent, params={"sampler": experiment.study.sampler, "pruner": experiment.study.pruner,
                                     "methods": ",".join(experiment.space.methods), "seed": settings.seed,
                                     "fidelity": experiment.evaluation.fidelity,
-                                    "objective": experiment.evaluation.weights.name},
+                                    "objective": experiment.evaluation.objective_function.name},
                     texts={"experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True),
                                                              sort_keys=False)})
     recover_interrupted(study, tracker)
@@ -316,7 +245,8 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     # and concurrent workers must not share one: reseed by trials so far, and by process for workers
     offset = len(study.trials) + (os.getpid() << 20 if join else 0)
     study.sampler = _sampler(experiment, (settings.seed + offset) % 2**32)
-    enqueue_warm_starts(study, experiment)
+    if not join:  # `run` enqueues them once; a worker too could race it to an empty queue and run one twice
+        enqueue_warm_starts(study, experiment)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = settings.trials - done
     if remaining > 0:
@@ -336,7 +266,7 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                             and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else "")
                     shown.update(_event(trial) + (f"; best {best}" if best else ""), best=best)
 
-            objective = Objective(experiment, bench, tracker, parent, settings.seed)
+            objective = TrialRunner(experiment, bench, tracker, parent, settings.seed)
             # failed trials do not count; allow as many failures as trials before giving up
             study.optimize(objective, n_trials=remaining + settings.trials, timeout=settings.timeout,
                            catch=(TrialFailed,), gc_after_trial=False,
@@ -345,45 +275,3 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)
     return study
-
-
-def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
-    """On the parent run: the leaderboard, the best config and Optuna's plots."""
-    rows = leaderboard(study)
-    # rewritten as a whole: MLflow's log_table appends, so every resume would add the rows again
-    columns = list(rows[0]) if rows else []
-    tracker.log(parent, dicts={"leaderboard.json": {"columns": columns, "data": [[r[k] for k in columns] for r in rows]}})
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete and len(study.directions) == 1:
-        best = study.best_trial
-        config = tracker.client.download_artifacts(best.user_attrs["mlflow_run_id"], "config.yaml")
-        tracker.log(parent, metrics={"best/search_objective": best.value},
-                    texts={"best_config.yaml": Path(config).read_text()})
-        tracker.tag(parent, "soupsearch.best_trial", str(best.number))
-        _log_plots(tracker, parent, study, importances=len(complete) > 1 and len(best.params) > 1)
-    tracker.end(parent)
-    study.set_user_attr(RECORDED, len(study.trials))
-
-
-def _log_plots(tracker: Tracker, parent: str, study: optuna.Study, importances: bool) -> None:
-    """Optuna's plots as HTML (plotly) and PNG (Optuna's matplotlib backend, which needs no
-    browser: plotly's PNG export through kaleido needs Chrome)."""
-    import warnings
-
-    os.environ.setdefault("MPLBACKEND", "Agg")  # headless: workers and CI have no display
-    import matplotlib.pyplot as plt
-    from optuna import visualization
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.visualization import matplotlib as static
-
-    plots = {"optimization_history": (visualization.plot_optimization_history, static.plot_optimization_history)}
-    if importances:
-        plots["param_importances"] = (visualization.plot_param_importances, static.plot_param_importances)
-    for name, (interactive, still) in plots.items():
-        tracker.client.log_figure(parent, interactive(study), f"plots/{name}.html")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental"
-            figure = still(study).figure
-        figure.tight_layout()
-        tracker.client.log_figure(parent, figure, f"plots/{name}.png")
-        plt.close(figure)

@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 from search.urls import driver_hint, masked
 from user_input import UserError
 
 if TYPE_CHECKING:
-    from evals.harness import EvalResult
+    from evals.results import EvalResult
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS = "mlartifacts"  # beside a sqlite store, one folder per experiment: copy the two together
@@ -60,8 +61,7 @@ class Tracker:
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             # one quick try: MLflow retries a server it cannot reach for minutes before it gives up
-            with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                              "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+            with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
                 # creates the sqlite schema now, once, before any trial or worker writes to it
                 self.client.search_experiments(max_results=1)
         except Exception as problem:  # noqa: BLE001 -- any store failure is the URI's fault here
@@ -126,6 +126,27 @@ class Tracker:
 
     def end(self, run: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run, status)
+
+    def reopen(self, run: str) -> None:
+        """A finished parent run back to RUNNING while a resumed study works; ``end`` closes it again."""
+        if self.client.get_run(run).info.status != "RUNNING":
+            self.client.update_run(run, status="RUNNING")
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``values`` set in os.environ inside the block; each variable as it was (or unset) after it.
+    MLflow reads its HTTP settings from the environment at each request."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_sqlite(path: Path, uri: str) -> None:

@@ -61,7 +61,7 @@ def validate(experiment: Experiment, load: bool = False) -> str:
              f"pruner {experiment.study.pruner}, {experiment.study.trials} trials, seed {experiment.seed}",
              "models: " + ", ".join(f"{alias}={refs[alias]}" for alias in experiment.models)
              + f" (base {experiment.base_model})",
-             f"objective: {experiment.evaluation.weights.name}; fidelity rungs (search items): "
+             f"objective: {experiment.evaluation.objective_function.name}; fidelity rungs (search items): "
              f"{experiment.evaluation.fidelity}"]
     if experiment.soup is not None:
         soup = experiment.soup

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from evals.harness import EvalResult, safe_metric_name
+from evals.results import EvalResult, safe_metric_name
 from evals.objectives import Objective
 from evals.stats import stratified_paired_bootstrap
 from search.tracking import Tracker

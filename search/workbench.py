@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
-from evals.harness import EvalResult, Evaluator, known_tasks
+from evals.harness import Evaluator, known_tasks
+from evals.results import EvalResult
 from evals.spec import TaskSpec
 from merge_core import BuildReport, Engine, Parents
 from search.experiment import Experiment, ExperimentError, pick_device, resolve_model

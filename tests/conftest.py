@@ -10,6 +10,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pico_zoo():
     """The pico zoo, built once into the user's cache (about 30 s) and verified on every run."""
-    from search.zoo.build import open_zoo
+    from zoo.build import open_zoo
 
     return open_zoo("pico", progress=False)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from merge_core.methods import METHODS
+
 # Methods whose masks come from mergekit's unseeded global RNG: compared by statistics only.
-RANDOM_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear"})
+RANDOM_METHODS = frozenset(name for name, method in METHODS.items() if method.random_masks)
 
 
 def configs(zoo: Path) -> dict[str, dict[str, Any]]:

@@ -305,7 +305,7 @@ def test_an_rdb_storage_opens_without_optuna_experimental_warnings(tmp_path):
     """Heartbeats and their retry callback are "experimental" in Optuna, and used on purpose."""
     import warnings
 
-    from search.study import open_storage
+    from search.storage import open_storage
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evals.harness import EvaluationFailed, Evaluator, TaskError, load_model
+from evals import lm_eval_patches
+from evals.harness import Evaluator, TaskError, load_model
+from evals.results import EvaluationFailed
 from evals.objectives import Objective
 from evals.spec import TaskSpec
 from evals.tasks import include_path, load_items
@@ -19,6 +21,13 @@ from search.cli import main
 
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
 ARITHMETIC = ["tiny_addition", "tiny_subtraction"]
+
+
+def test_lm_eval_is_the_version_its_patches_were_checked_against():
+    """A new lm-eval means re-reading every internal that evals.lm_eval_patches touches."""
+    from importlib.metadata import version
+
+    assert version("lm_eval") == lm_eval_patches.CHECKED
 
 
 @pytest.fixture(scope="module")

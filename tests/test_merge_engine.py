@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merge_configs import configs
-from merge_core import Engine, MergeInputError, Parents, fast
+from merge_core import Engine, MergeInputError, Parents, methods
 from merge_core.parents import Parent, TensorHeader
 from search.cli import main
 
@@ -104,7 +104,7 @@ def test_candidate_is_reused_in_place_until_the_structure_changes(parents, pico_
 def streaming_need(engine: Engine, config: dict) -> tuple[int, int]:
     """(what streaming `config` needs on the device, what keeping the parents resident needs)."""
     plan = engine.plan(config)
-    values, scratch = fast.footprint(plan, engine.parents) if plan.method in fast.FAST_METHODS else (0, 0)
+    values, scratch = methods.footprint(plan, engine.parents)
     largest = max(sum(engine.parents[s.model].headers[s.tensor].nbytes for s in job.sources) for job in plan.jobs)
     candidate = engine.candidate.nbytes
     return (candidate + scratch + 4 * largest,
@@ -132,7 +132,7 @@ def test_a_budget_that_only_the_fast_path_scratch_exceeds_streams(pico_zoo, pare
     resident = Engine(parents)
     resident.build(config, seed=5)
     _, resident_need = streaming_need(resident, config)
-    scratch = fast.footprint(resident.plan(config), parents)[1]
+    scratch = methods.footprint(resident.plan(config), parents)[1]
     assert scratch > 0
     for budget, streamed in ((resident_need - 1, True), (resident_need, False)):
         engine = Engine(Parents.open([pico_zoo / name for name in MODELS]), device_budget=budget)

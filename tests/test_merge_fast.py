@@ -17,8 +17,8 @@ import torch
 
 from merge_configs import configs
 from merge_core import Engine, Parents
-from merge_core import fast, kernels
-from merge_core.fast import dare_mask
+from merge_core import kernels, methods
+from merge_core.methods.task_arithmetic import dare_mask
 from merge_core.parents import Parent
 
 FAST_CASES = ["linear", "linear_negative_unnormalized", "slerp_gradient", "task_arithmetic", "ties",
@@ -66,10 +66,10 @@ def block(request, monkeypatch):
     blocks and kernel spans of 1000 elements); and walk whole tensors however small the CPU block
     is, as the fast paths do on a GPU."""
     if request.param != "default":
-        monkeypatch.setattr("merge_core.fast.CPU_BLOCK", 1000)
-        monkeypatch.setattr("merge_core.fast.KERNEL_MIN_SPAN", 1000)
+        monkeypatch.setattr("merge_core.methods.common.CPU_BLOCK", 1000)
+        monkeypatch.setattr("merge_core.methods.common.KERNEL_MIN_SPAN", 1000)
     if request.param == "gpu-layout":
-        monkeypatch.setattr("merge_core.fast._block", lambda numel, device: max(1, numel))
+        monkeypatch.setattr("merge_core.methods.common.block", lambda numel, device: max(1, numel))
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
@@ -169,11 +169,11 @@ def test_dare_fast_path_equals_mergekit_given_the_same_masks(name, parents, pico
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_footprint_bounds_what_the_fast_paths_allocate(name, parents, pico_zoo, block):
-    """The engine decides residency from `fast.footprint` before anything is built."""
+    """The engine decides residency from `methods.footprint` before anything is built."""
     config = variant(pico_zoo, name)
     engine = Engine(parents)
     plan = engine.plan(config)
-    values, scratch = fast.footprint(plan, parents)
+    values, scratch = methods.footprint(plan, parents)
     engine.build(plan, seed=1)
     assert engine.cache.scratch.nbytes == scratch  # exact: masks, |masked|, kept flags, terms
     assert engine.cache.values_nbytes == values > 0  # exact: task vectors, ranks, norms, dots
@@ -197,13 +197,13 @@ def test_random_merges_depend_on_seed_not_on_order(method, fast, parents, pico_z
 def test_cpu_dare_mask_is_bernoulli_with_the_requested_density(density):
     job = dataclasses.make_dataclass("Job", ["name"])("model.layers.0.mlp.up_proj.weight")
     numel = 3_000_017
-    mask = fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu"))
+    mask = dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu"))
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     sigma = (density * (1 - density) / numel) ** 0.5
     assert abs(mask.mean().item() - density) <= 5 * sigma + 1e-9
-    assert torch.equal(mask, fast.dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu")))
+    assert torch.equal(mask, dare_mask((numel,), density, 5, job, "tuned", torch.device("cpu")))
     if 0 < density < 1:
-        assert not torch.equal(mask, fast.dare_mask((numel,), density, 6, job, "tuned", torch.device("cpu")))
+        assert not torch.equal(mask, dare_mask((numel,), density, 6, job, "tuned", torch.device("cpu")))
 
 
 def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():

@@ -129,11 +129,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
 def test_journal_lock_left_by_a_process_killed_mid_write_is_broken_after_the_grace_period(tmp_path):
     """The default journal path is relative; Optuna's lock is a symlink to that path, which dangled,
     so a run after a kill mid-write spun forever instead of breaking the stale lock after 30 s."""
-    dies_holding_the_lock = ("import os; from search.study import open_storage; "
+    dies_holding_the_lock = ("import os; from search.storage import open_storage; "
                              "open_storage(None)._backend._lock.acquire(); os._exit(0)")
     subprocess.run([sys.executable, "-c", dies_holding_the_lock], cwd=tmp_path, env=ENV, check=True, timeout=120)
     assert (tmp_path / ".soupsearch" / "journal.log.lock").is_symlink()
-    opens_the_study = ("import optuna; from search.study import open_storage; "
+    opens_the_study = ("import optuna; from search.storage import open_storage; "
                        "optuna.create_study(study_name='s', storage=open_storage(None)); print('created')")
     started = time.monotonic()
     after = subprocess.run([sys.executable, "-c", opens_the_study], cwd=tmp_path, env=ENV, capture_output=True,
@@ -297,9 +297,10 @@ def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_int
 
     import optuna
 
-    from search import study as study_module
+    from search import storage as storage_module
     from search.experiment import load_experiment
-    from search.study import Settings, open_study, recover_interrupted
+    from search.study import Settings, open_study
+    from search.storage import recover_interrupted
 
     monkeypatch.chdir(tmp_path)
     path = write_experiment(tmp_path)
@@ -318,7 +319,7 @@ def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_int
     assert f"interrupted: trial {orphan.number} on" in out and f"running: trial {alive.number} on" in out
     assert f"running: trial {unnamed.number} on ?" in out  # still within the grace period
     assert recover_interrupted(study, None) == [orphan.number]
-    monkeypatch.setattr(study_module, "OWNERLESS_GRACE", timedelta(0))
+    monkeypatch.setattr(storage_module, "OWNERLESS_GRACE", timedelta(0))
     assert recover_interrupted(study, None) == [unnamed.number]
     retries = {t.user_attrs["retry_of"]: t for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
     assert retries[orphan.number].user_attrs["seed"] == 5 and "seed" not in retries[unnamed.number].user_attrs

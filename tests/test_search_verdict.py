@@ -2,7 +2,7 @@
 
 import pytest
 
-from evals.harness import EvalResult, TaskScore
+from evals.results import EvalResult, TaskScore
 from evals.objectives import Objective
 from evals.stats import stratified_paired_bootstrap
 from search.verdict import ITERS, OBJECTIVE, Comparison, compare

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from evals.stats import mcnemar_exact, mean_ci, paired_bootstrap, stratified_paired_bootstrap
+from evals.stats import mean_ci, paired_bootstrap, stratified_paired_bootstrap
 
 
 def test_wilson_interval_matches_closed_form():
@@ -26,15 +26,6 @@ def test_non_binary_scores_use_the_normal_interval():
     sd = math.sqrt(sum((s - 0.5) ** 2 for s in scores) / 3)
     assert mean == pytest.approx(0.5)
     assert high - mean == pytest.approx(1.959964 * sd / 2, rel=1e-6)
-
-
-def test_mcnemar_exact_matches_the_binomial_closed_form():
-    # 1 item only A gets right, 9 only B: p = 2 * (C(10,0) + C(10,1)) / 2^10; concordant items do not count.
-    a = [1] + [0] * 9 + [1] * 5 + [0] * 5
-    b = [0] + [1] * 9 + [1] * 5 + [0] * 5
-    assert mcnemar_exact(a, b) == pytest.approx(2 * 11 / 1024, abs=1e-15)
-    assert mcnemar_exact(b, a) == mcnemar_exact(a, b)
-    assert mcnemar_exact([1, 0, 1], [1, 0, 1]) == 1.0
 
 
 def test_paired_bootstrap_agrees_with_the_normal_interval_of_the_differences():

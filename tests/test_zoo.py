@@ -1,6 +1,7 @@
 """The pico zoo: trained Mistral models that load, round-trip, merge and score as promised."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from search.cli import main
-from search.zoo import build
-from search.zoo.build import MANIFEST, ZooError, build_zoo, open_zoo, read_lock, unpack_zoo, verify, zoo_dir
-from search.zoo.recipe import PICO, RECIPES, recipe_for
+from zoo import build
+from zoo.build import MANIFEST, ZooError, build_zoo, open_zoo, read_lock, unpack_zoo, verify, zoo_dir
+from zoo.recipe import PICO, RECIPES, recipe_for
 
 
 def test_zoo_holds_every_model_of_the_recipe(pico_zoo):
@@ -189,7 +190,7 @@ def test_specialist_outscores_base_on_its_task(pico_zoo, task):
 def test_a_fine_tune_replays_the_other_tasks_at_the_recipe_share(replay):
     from dataclasses import replace
 
-    from search.zoo.train import mixture
+    from zoo.train import mixture
 
     recipe = replace(PICO, replay=replay)
     shares = recipe.fine_tune_mixture("tiny_gsm8k")
@@ -206,7 +207,7 @@ def test_recipes_are_hashed_into_their_folder_names():
 
 @pytest.mark.slow
 def test_two_processes_on_a_cold_cache_share_one_build(tmp_path):
-    code = "from search.zoo.build import open_zoo; print(open_zoo('pico', progress=False))"
+    code = "from zoo.build import open_zoo; print(open_zoo('pico', progress=False))"
     env = {**os.environ, "SOUPSEARCH_CACHE": str(tmp_path)}
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -215,3 +216,69 @@ def test_two_processes_on_a_cold_cache_share_one_build(tmp_path):
     assert outputs[0] == outputs[1] == str(tmp_path / "zoo" / PICO.folder_name)
     assert verify(tmp_path / "zoo" / PICO.folder_name)["models"] == PICO.models
     assert not list((tmp_path / "zoo").glob(".pico-*"))  # no staging folder left behind
+
+
+@pytest.mark.slow
+def test_answer_accuracy_is_greedy_decodings_exact_match():
+    """The base's probe scores an item solved exactly when greedy generation writes its whole answer
+    (on the tiny zoo: the pico models solve too few problems to tell)."""
+    from evals.tasks import load_items
+    from evals.tasks.synthetic import format_prompt
+    from zoo.train import answer_accuracy
+
+    folder = open_zoo("tiny", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder / "base").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "base")
+    items = load_items("tiny_addition")[:60]
+    solved = []
+    for item in items:
+        prompt = tokenizer(format_prompt(item), return_tensors="pt")["input_ids"]
+        answer = tokenizer(f"{format_prompt(item)} {item['answer']}")["input_ids"][prompt.shape[1]:]
+        out = model.generate(prompt, max_new_tokens=len(answer), do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        solved.append(out[0, prompt.shape[1]:].tolist() == answer)
+    assert 0 < sum(solved) < len(solved)  # a probe that can tell models apart
+    assert answer_accuracy(model, tokenizer, items) == sum(solved) / len(solved)
+
+
+def test_a_target_schedule_trains_until_the_probe_is_met_then_decays(pico_zoo):
+    """Warmup-stable-decay: a constant rate until the probe reaches the target (checked every
+    PROBE_EVERY steps), then ``decay`` steps of cosine decay to zero."""
+    from dataclasses import replace
+
+    from zoo.recipe import Schedule
+    from zoo.train import PROBE_EVERY, train
+
+    model = AutoModelForCausalLM.from_pretrained(pico_zoo / "base")
+    tokenizer = AutoTokenizer.from_pretrained(pico_zoo / "base")
+    documents = iter(lambda: "Question: What is 1 + 1?\nAnswer: 1 + 1 = 2.\n#### 2", None)
+    probes, rates = [], []
+
+    def probe(_model) -> float:
+        probes.append(len(rates))
+        return 0.5 * (len(probes) >= 2)  # met at the second probe
+
+    class Recorder(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    schedule = Schedule(steps=1000, lr=1e-3, batch_size=2, warmup=4, target=0.4, decay=10)
+    original = torch.optim.AdamW
+    torch.optim.AdamW = Recorder
+    try:
+        train(model, documents, tokenizer, schedule, probe=probe)
+    finally:
+        torch.optim.AdamW = original
+    assert probes == [PROBE_EVERY, 2 * PROBE_EVERY]
+    assert len(rates) == 2 * PROBE_EVERY + schedule.decay
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert rates[4 : 2 * PROBE_EVERY] == pytest.approx([1e-3] * (2 * PROBE_EVERY - 4))
+    assert rates[2 * PROBE_EVERY :] == pytest.approx([5e-4 * (1 + math.cos(math.pi * k / 10)) for k in range(10)])
+    # without a target: cosine from the warmup's end over ``steps``, no probe
+    rates.clear()
+    torch.optim.AdamW = Recorder
+    try:
+        train(model, documents, tokenizer, replace(schedule, target=None, steps=12), probe=None)
+    finally:
+        torch.optim.AdamW = original
+    assert rates[4:] == pytest.approx([5e-4 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])

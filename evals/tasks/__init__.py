@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from atomic import atomic_folder
 from evals.tasks.synthetic import GENERATORS, eval_items, read_jsonl, write_jsonl
 
 TASK_DIR = Path(__file__).parent
@@ -50,18 +49,18 @@ def include_path() -> Path:
     target = cache_root() / "tasks" / digest.hexdigest()[:16]
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    for path in sources:
-        text = path.read_text()
-        if path.suffix == ".yaml":
-            config = yaml.safe_load(text)
-            files = config["dataset_kwargs"]["data_files"]
-            config["dataset_kwargs"]["data_files"] = {k: str(TASK_DIR / v) for k, v in files.items()}
-            text = yaml.safe_dump(config, sort_keys=False)
-        (staging / path.name).write_text(text)
     try:
-        staging.rename(target)
-    except OSError:  # another process won the race with identical content
-        shutil.rmtree(staging)
+        with atomic_folder(target) as staging:
+            for path in sources:
+                text = path.read_text()
+                if path.suffix == ".yaml":
+                    config = yaml.safe_load(text)
+                    files = config["dataset_kwargs"]["data_files"]
+                    config["dataset_kwargs"]["data_files"] = {k: str(TASK_DIR / v) for k, v in files.items()}
+                    text = yaml.safe_dump(config, sort_keys=False)
+                (staging / path.name).write_text(text)
+    except OSError:
+        if not target.is_dir():
+            raise
+        # another process won the race, with identical content
     return target

@@ -99,9 +99,14 @@ def training_stream(task: str, seed: int, exclude: set[str]) -> Iterator[Item]:
             yield item
 
 
+def format_prompt(item: Item) -> str:
+    """lm-eval's gsm8k prompt for an item (zero-shot)."""
+    return f"Question: {item['question']}\nAnswer:"
+
+
 def format_document(item: Item) -> str:
-    """The text a model is trained on: lm-eval's gsm8k prompt, then the target after one space."""
-    return f"Question: {item['question']}\nAnswer: {item['answer']}"
+    """The text a model is trained on: the prompt, then the target after one space."""
+    return f"{format_prompt(item)} {item['answer']}"
 
 
 def write_jsonl(path: Path, items: list[Item]) -> None:

@@ -15,9 +15,7 @@ import fcntl
 import hashlib
 import itertools
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from atomic import atomic_folder, atomic_write_text, clear_leftovers
 from evals.tasks import cache_root
 from evals.tasks.synthetic import eval_items, format_document, training_stream
-from search.zoo.recipe import ARITHMETIC, TASKS, WORD_PROBLEMS, Recipe, recipe_for
-from search.zoo.tokenizer import train_tokenizer
-from search.zoo.train import mixture, new_model, train
+from zoo.recipe import ARITHMETIC, TASKS, WORD_PROBLEMS, Recipe, recipe_for
+from zoo.tokenizer import train_tokenizer
+from zoo.train import answer_accuracy, mixture, new_model, train
 from user_input import UserError
 
 MANIFEST = "manifest.json"
@@ -147,19 +146,12 @@ def _install(recipe: Recipe, fill: Callable[[Path], None], source: str, reuse: b
             except ZooError as problem:
                 if folder.exists():
                     print(f"zoo: {problem}; rebuilding")
-        for stale in folder.parent.glob(f".{recipe.folder_name}-*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{recipe.folder_name}-"))
-        try:
+        clear_leftovers(folder)  # of a killed build
+        with atomic_folder(folder, replace=True) as staging:
             fill(staging)
             manifest = {"recipe": asdict(recipe), "digest": recipe.digest, "models": recipe.models,
                         "source": source, "torch": torch.__version__, "files": _digests(staging)}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -169,17 +161,12 @@ def publish(recipe: Recipe) -> Path:
         raise ZooError(f"zoo {recipe.folder_name}: only the recipe's own seed (0) is published")
     manifest = verify(zoo_dir(recipe))
     target = PUBLISHED / recipe.name
-    staging = PUBLISHED / f".{recipe.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(zoo_dir(recipe), staging, ignore=shutil.ignore_patterns(MANIFEST))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    with atomic_folder(target, replace=True) as staging:
+        shutil.copytree(zoo_dir(recipe), staging, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
     lock = read_lock() | {recipe.name: {"folder": recipe.folder_name, "torch": manifest["torch"],
                                         "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
                                         "files": manifest["files"]}}
-    tmp = LOCK.with_suffix(".tmp")
-    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n")
-    tmp.replace(LOCK)
+    atomic_write_text(LOCK, json.dumps(lock, indent=1, sort_keys=True) + "\n")
     return target
 
 
@@ -193,19 +180,27 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     corpus = mixture(streams(-1), {t: 1.0 for t in TASKS}, recipe.seed, format_document)
     tokenizer = train_tokenizer(itertools.islice(corpus, recipe.tokenizer_documents), recipe.vocab_size)
 
-    total = recipe.base.steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
+    # a base with a target stops its stable phase early: its bar counts the longest it can take
+    base_steps = recipe.base.steps + recipe.base.decay
+    total = base_steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
 
-    def fit(label: str, model, documents, schedule):
+    def fit(label: str, model, documents, schedule, probe=None):
         bar.set_postfix_str(label)
-        return train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update())
+        return train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update(), probe=probe)
 
     def save(label: str, model) -> None:
         model.save_pretrained(out / label, safe_serialization=True)
         tokenizer.save_pretrained(out / label)
 
+    # the base's probe: problems of every task from a stream of their own, none an evaluation item
+    problems = {t: list(itertools.islice(training_stream(t, recipe.seed * 1000 + 999, held_out), recipe.probe_items))
+                for t in TASKS}
+    probe = lambda model: sum(answer_accuracy(model, tokenizer, problems[t]) for t in TASKS) / len(TASKS)
     base = new_model(recipe.shape, tokenizer, recipe.seed)
-    fit("base", base, mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document), recipe.base)
+    before = bar.n
+    fit("base", base, mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document), recipe.base, probe)
+    bar.total -= base_steps - (bar.n - before)
     save("base", base)
 
     def fine_tune(label: str, task: str, stream_seed: int, schedule):

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from search.zoo.recipe import Schedule, Shape
+from evals.tasks.synthetic import format_document, format_prompt
+from zoo.recipe import Schedule, Shape
 
 
 def new_model(shape: Shape, tokenizer: PreTrainedTokenizerFast, seed: int) -> MistralForCausalLM:
@@ -62,27 +63,38 @@ def batches(
         yield micro
 
 
+PROBE_EVERY = 50  # steps between two probes of a ``target`` schedule
+
+
 def train(
     model: MistralForCausalLM,
     documents: Iterator[str],
     tokenizer: PreTrainedTokenizerFast,
     schedule: Schedule,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    probe: Callable[[MistralForCausalLM], float] | None = None,
 ) -> MistralForCausalLM:
+    """Train on ``documents`` as ``schedule`` says; a ``target`` schedule needs ``probe``, the share
+    of problems the model solves."""
     torch.manual_seed(schedule.seed)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay
     )
+    # cosine decay from the warmup's end to ``total``; a target schedule sets both when it is met
+    decay_start, total = schedule.warmup, None if schedule.target is not None else schedule.steps
 
     def lr_at(step: int) -> float:
         if step < schedule.warmup:
             return schedule.lr * (step + 1) / schedule.warmup
-        progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
+        if total is None:  # the stable phase
+            return schedule.lr
+        progress = (step - decay_start) / max(1, total - decay_start)
         return schedule.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     stream = batches(documents, tokenizer, schedule.batch_size)
-    for step in range(schedule.steps):
+    step = 0
+    while total is None or step < total:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         micro = next(stream)
@@ -97,8 +109,33 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         on_step(step, loss)
+        step += 1
+        if total is None and (step >= schedule.steps or step % PROBE_EVERY == 0 and probe(model) >= schedule.target):
+            decay_start, total = step, step + schedule.decay
     model.eval()
     return model
+
+
+def answer_accuracy(model: MistralForCausalLM, tokenizer: PreTrainedTokenizerFast, items: list[dict]) -> float:
+    """The share of ``items`` whose whole answer is the model's top prediction, token by token, after
+    the gold tokens before it: greedy decoding's exact match, in one forward pass."""
+    rows = []
+    for item in items:
+        full, prompt = tokenizer(format_document(item))["input_ids"], tokenizer(format_prompt(item))["input_ids"]
+        if full[: len(prompt)] != prompt:
+            raise ValueError(f"the tokenizer splits {format_prompt(item)!r} apart from its answer")
+        rows.append((full, len(prompt)))
+    ids = torch.full((len(rows), max(len(full) for full, _ in rows)), tokenizer.eos_token_id)
+    for i, (full, _) in enumerate(rows):
+        ids[i, : len(full)] = torch.tensor(full)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    model.train(was_training)
+    solved = [bool((predicted[i, start - 1 : len(full) - 1] == ids[i, start : len(full)]).all())
+              for i, (full, start) in enumerate(rows)]
+    return sum(solved) / len(solved)
 
 
 def mixture(streams: dict[str, Iterator[dict]], weights: dict[str, float], seed: int,

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from evals.harness import Evaluator, TaskScore, load_model
-from search.zoo.build import open_zoo, verify, weights_digest
-from search.zoo.recipe import TASKS, WORD_PROBLEMS, Recipe, recipe_for
+from atomic import atomic_write_text
+from evals.harness import Evaluator, load_model
+from evals.results import TaskScore
+from zoo.build import open_zoo, verify, weights_digest
+from zoo.recipe import TASKS, WORD_PROBLEMS, Recipe, recipe_for
 
 # Each arithmetic specialist that transfers to word problems, merged with the word-problem one.
 MERGE_PAIRS = (("tiny_addition", "tiny_gsm8k"), ("tiny_subtraction", "tiny_gsm8k"))
@@ -124,7 +126,7 @@ def write_report(variant: str, out: Path, progress: bool = True, seed: int | Non
         "",
         "Training depends on the CPU: the same recipe gave other bits for every model under AVX2 and "
         "AVX-512 kernels. So the trained weights are published in the repository "
-        "(`search/zoo/published/`) with the sha256 of every file in `search/zoo/zoo.lock.json`, and "
+        "(`zoo/published/`) with the sha256 of every file in `zoo/zoo.lock.json`, and "
         "every machine unpacks the same bits; `soupsearch zoo verify` checks a local zoo against them "
         "(the weights digest above is `zoo verify`'s). Shipping the bits was chosen over pinning every "
         "source of machine dependence because a pinned build could only be checked on the CPUs at hand, "
@@ -159,10 +161,7 @@ def write_report(variant: str, out: Path, progress: bool = True, seed: int | Non
     kept = out.read_text().partition(KEEP_MARK) if out.is_file() else ("", "", "")
     if kept[1]:
         lines += [KEEP_MARK + kept[2].rstrip("\n")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 

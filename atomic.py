@@ -1,0 +1,51 @@
+"""Files and folders that appear whole or not at all: filled beside their target, then renamed into place.
+
+A killed process leaves at most a hidden ``.NAME.partial-*`` entry beside the target, never a
+half-written target; the next writer of the same target clears such leftovers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+@contextmanager
+def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A fresh folder beside ``target`` to fill; it becomes ``target`` when the block ends, and is
+    removed if the block raises. An existing ``target`` is removed first with ``replace``; without
+    it, only an empty one is (``OSError`` otherwise, the staging folder removed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_partial_prefix(target)))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target) if replace else target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def clear_leftovers(target: Path) -> None:
+    """Remove the staging entries that killed writers of ``target`` left; call it under a lock."""
+    for stale in target.parent.glob(_partial_prefix(target) + "*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, with readers seeing the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{_partial_prefix(path)}{os.getpid()}")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

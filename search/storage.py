@@ -1,0 +1,157 @@
+"""Where a study lives and how it survives its processes: the Optuna storage (a journal file on one
+machine, an RDB URL across machines), the liveness of running trials, and the re-run of a trial
+whose process died.
+
+A trial names its owner (host:pid) as it starts. On one host a dead owner is seen by its PID; across
+hosts, an RDB storage's heartbeats fail a trial that stopped beating, and Optuna hands it to
+``RetryStale``. Either way ``retry`` enqueues it again with its parameters and seed. Optuna's own
+``RetryFailedTrialCallback`` is not used: it keeps neither the trial's seed nor its MLflow run's end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
+
+from search.tracking import STATE_TAG
+from search.urls import driver_hint, masked
+from user_input import UserError
+
+if TYPE_CHECKING:
+    from search.tracking import Tracker
+
+DEFAULT_JOURNAL = Path(".soupsearch") / "journal.log"
+# a trial names its owner as it starts: one without an owner this long after its start was cut off before
+OWNERLESS_GRACE = timedelta(minutes=5)
+# RDB storage: each running trial beats this often; one silent for twice as long is failed and re-run
+HEARTBEAT_ENV = "SOUPSEARCH_HEARTBEAT_SECONDS"
+HEARTBEAT_S = 60
+MAX_RETRIES = 3  # re-runs of one interrupted trial (a candidate that kills its process each time)
+
+
+class StorageError(UserError):
+    """The Optuna storage cannot be opened; the message names it, password masked."""
+
+
+def heartbeat_seconds() -> int:
+    """``SOUPSEARCH_HEARTBEAT_SECONDS`` (default 60): how often a trial on an RDB storage beats."""
+    said = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not said:
+        return HEARTBEAT_S
+    if not said.isdigit() or int(said) < 1:
+        raise UserError(f"{HEARTBEAT_ENV}={said!r}: expected a whole number of seconds >= 1")
+    return int(said)
+
+
+class RetryStale:
+    """Optuna's heartbeat callback: it has already failed a trial that stopped beating (its process
+    died, on any host); this re-runs it as :func:`recover_interrupted` does, and ends its MLflow run
+    once a tracker is attached (only a process that runs trials has one, and only it checks beats)."""
+
+    def __init__(self) -> None:
+        self.tracker: Tracker | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        owner = trial.user_attrs.get("owner", "a process that never named itself")
+        retry(study, trial, self.tracker, f"interrupted: {owner} stopped sending heartbeats")
+
+
+def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseStorage:
+    """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        if spec is not None and "://" in spec:
+            beat = heartbeat_seconds()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats and retries are used on purpose
+                return RDBStorage(spec, heartbeat_interval=beat, grace_period=2 * beat,
+                                  heartbeat_stale_trial_callback=RetryStale())
+        path = Path(spec) if spec else DEFAULT_JOURNAL
+        if not create and not path.is_file():
+            raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # absolute: Optuna's lock is a symlink to the path as given, so a relative one dangles, and the
+        # lock that a process killed mid-write leaves is then never broken: every later run would hang
+        return JournalStorage(JournalFileBackend(str(path.resolve())))
+    except UserError:
+        raise
+    except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
+        raise storage_error(spec, problem) from None
+
+
+def storage_error(spec: str | None, problem: Exception) -> StorageError:
+    """One line naming the storage, its password masked, with the driver to install if one is missing."""
+    where = str(spec or DEFAULT_JOURNAL)
+    said = masked(where, " ".join(str(problem).split()))
+    return StorageError(f"storage {masked(where)}: {type(problem).__name__}: {said}{driver_hint(problem)}")
+
+
+def owner() -> str:
+    """This process, as trials name their owner."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_dead(owner: str) -> bool:
+    """Only a process on this host can be checked; other hosts rely on RDB heartbeats."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose process is gone, or that never named its process within the grace period."""
+    if "owner" in trial.user_attrs:
+        return _owner_dead(trial.user_attrs["owner"])
+    return trial.datetime_start is not None and datetime.now() - trial.datetime_start > OWNERLESS_GRACE
+
+
+def recover_interrupted(study: optuna.Study, tracker: Tracker | None) -> list[int]:
+    """Fail each interrupted RUNNING trial and enqueue it again with its params and seed."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    retried = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not interrupted(trial):
+            continue
+        owner = trial.user_attrs.get("owner", "a process that never named itself")
+        try:  # journal storage has no heartbeat; tell() fails any RUNNING trial by number
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, UpdateFinishedTrialError):
+            continue  # another process (or a stale heartbeat) failed it first, and re-runs it
+        retry(study, trial, tracker, f"interrupted: {owner} ended mid-trial")
+        retried.append(trial.number)
+    return retried
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, tracker: Tracker | None, reason: str) -> None:
+    """A failed, interrupted trial: its MLflow run ends FAILED, and the trial is enqueued again with
+    its params and seed, up to MAX_RETRIES times in a row."""
+    run = trial.user_attrs.get("mlflow_run_id")
+    if tracker is not None and run is not None:
+        tracker.tag(run, "soupsearch.fail_reason", reason)
+        tracker.tag(run, STATE_TAG, TrialState.FAIL.name)
+        tracker.end(run, "FAILED")
+    retries = trial.user_attrs.get("retries", 0) + 1
+    if retries > MAX_RETRIES:
+        return
+    seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
+    study.enqueue_trial(trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason,
+                                                         "retries": retries})
