@@ -1,8 +1,8 @@
 """What users hand us: the one error family for bad input, and YAML read strictly.
 
-``search``, ``merge_core`` and ``evals`` each raise their own subclass of ``UserError``;
+``search``, ``merge_core``, ``evals`` and ``zoo`` each raise their own subclass of ``UserError``;
 ``soupsearch`` maps the whole family to exit code 2 in one place. This module sits beside the
-three packages, so that neither ``merge_core`` nor ``evals`` imports another package for it.
+packages, so that none of them imports another package for it.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class _StrictLoader(yaml.SafeLoader):
             if not isinstance(key, Hashable):
                 continue  # SafeConstructor refuses it below
             if key in seen:
-                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                        f"found duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 

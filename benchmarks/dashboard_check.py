@@ -32,9 +32,17 @@ from tests.search_helpers import runs_in, write_experiment  # noqa: E402
 SOUPSEARCH = str(Path(sys.executable).parent / "soupsearch")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # a fresh profile and no background traffic: the page sees only the dashboard
-CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1800,900",
-            "--virtual-time-budget=60000"]  # MLflow's page reads the shared view after the runs
+CHROMIUM = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1800,900",
+    "--virtual-time-budget=60000",
+]  # MLflow's page reads the shared view after the runs
 
 
 def _free_port() -> int:
@@ -47,8 +55,9 @@ def _chromium(url: str, profile: Path, *what: str) -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("no chromium on PATH: apt-get install -y chromium")
-    done = subprocess.run([browser, *CHROMIUM, f"--user-data-dir={profile}", *what, url], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [browser, *CHROMIUM, f"--user-data-dir={profile}", *what, url], capture_output=True, text=True, timeout=300
+    )
     return done.stdout
 
 
@@ -56,8 +65,14 @@ def check(folder: Path, screenshot: Path) -> list[str]:
     """The names of the runs that the runs table links to, once every run of the study is among them."""
     _, runs = runs_in(folder)
     expected = {run.info.run_id: run.info.run_name for run in runs}
-    dashboard = subprocess.Popen([SOUPSEARCH, "dashboard", "--port", str(_free_port())], cwd=folder, env=ENV,
-                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+    dashboard = subprocess.Popen(
+        [SOUPSEARCH, "dashboard", "--port", str(_free_port())],
+        cwd=folder,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = None
         while url is None:
@@ -75,24 +90,30 @@ def check(folder: Path, screenshot: Path) -> list[str]:
         dashboard.wait(timeout=60)
     linked = dict(re.findall(r'href="#/experiments/\d+/runs/([0-9a-f]{32})"[^>]*>(?:<[^>]+>)*([^<]*)<', page))
     if "Run Name" not in page or linked != expected:
-        raise SystemExit(f"the runs table lists {sorted(linked.values())}, not the study's runs "
-                         f"{sorted(expected.values())}")
+        raise SystemExit(
+            f"the runs table lists {sorted(linked.values())}, not the study's runs {sorted(expected.values())}"
+        )
     return sorted(linked.values())
 
 
 def main() -> None:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    options.add_argument("--folder", type=Path, help="a folder where `soupsearch run` finished the pico study "
-                         "(default: run one in a scratch folder)")
+    options.add_argument(
+        "--folder",
+        type=Path,
+        help="a folder where `soupsearch run` finished the pico study (default: run one in a scratch folder)",
+    )
     options.add_argument("--screenshot", type=Path, default=ROOT / "docs" / "dashboard.png")
     args = options.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder or Path(scratch)
         if args.folder is None:
             # bare sums, where pico's models differ, and halving, so that the table shows a pruned trial too
-            path = write_experiment(folder, evaluation={"tasks": ["tiny_addition"], "fidelity": [4, 8],
-                                                        "select_limit": 8, "test_limit": 8},
-                                    study={"sampler": "tpe", "pruner": "successive_halving", "trials": 5})
+            path = write_experiment(
+                folder,
+                evaluation={"tasks": ["tiny_addition"], "fidelity": [4, 8], "select_limit": 8, "test_limit": 8},
+                study={"sampler": "tpe", "pruner": "successive_halving", "trials": 5},
+            )
             subprocess.run([SOUPSEARCH, "run", str(path)], cwd=folder, env=ENV, check=True, stdout=subprocess.DEVNULL)
         started = time.monotonic()
         shown = check(folder, args.screenshot.resolve())

@@ -29,8 +29,14 @@ from evals.harness import Evaluator, load_model  # noqa: E402
 from evals.spec import TaskSpec  # noqa: E402
 from evals.tasks import BUNDLED_TASKS  # noqa: E402
 
-MISTRAL_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                  intermediate_size=14336, max_position_embeddings=4096)
+MISTRAL_7B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    max_position_embeddings=4096,
+)
 
 
 def _sync(device: str) -> None:
@@ -45,8 +51,12 @@ def raw_generate(model, tokenizer, prompts: list[str], budgets: list[int], batch
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**batch, max_new_tokens=max(budgets[i : i + batch_size]), do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max(budgets[i : i + batch_size]),
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :])
     _sync(device)
     return time.perf_counter() - start
@@ -80,23 +90,38 @@ def main() -> None:
     runs = [evaluator.score(args.split) for _ in range(args.repeats)]
     items = sum(len(s.per_item) for s in runs[0].values())
 
-    requests = [r for name in BUNDLED_TASKS for r in evaluator.built_requests(name, args.split, evaluator.item_ids(name, args.split))]
+    requests = [
+        r
+        for name in BUNDLED_TASKS
+        for r in evaluator.built_requests(name, args.split, evaluator.item_ids(name, args.split))
+    ]
     prompts = [r.args[0] for r in requests]
     budgets = [r.args[1].get("max_gen_toks", evaluator.lm.max_gen_toks) for r in requests]
     raw_tokenizer = AutoTokenizer.from_pretrained(folder)
     raw_tokenizer.pad_token = raw_tokenizer.pad_token or raw_tokenizer.eos_token
-    raw = [raw_generate(model, raw_tokenizer, prompts, budgets, evaluator.batch_size, args.device) for _ in range(args.repeats)]
+    raw = [
+        raw_generate(model, raw_tokenizer, prompts, budgets, evaluator.batch_size, args.device)
+        for _ in range(args.repeats)
+    ]
 
     seconds = statistics.median(r.seconds for r in runs)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    )
     print(f"machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"model: {args.zoo}/{args.model} shape={args.shape}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"model: {args.zoo}/{args.model} shape={args.shape}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     print(f"items: {items} ({args.split} split of {', '.join(BUNDLED_TASKS)}), batch size {evaluator.batch_size}")
     print(f"evaluator: {items / seconds:8.1f} items/s  (median of {args.repeats}: {seconds:.3f} s)")
-    print(f"  overhead share: {statistics.median(r.overhead_share for r in runs):.1%} "
-          f"(min {min(r.overhead_share for r in runs):.1%}, max {max(r.overhead_share for r in runs):.1%})")
-    print(f"raw generate: {items / statistics.median(raw):8.1f} items/s  (median {statistics.median(raw):.3f} s, "
-          "no stop sequences: every answer runs to its token budget)")
+    print(
+        f"  overhead share: {statistics.median(r.overhead_share for r in runs):.1%} "
+        f"(min {min(r.overhead_share for r in runs):.1%}, max {max(r.overhead_share for r in runs):.1%})"
+    )
+    print(
+        f"raw generate: {items / statistics.median(raw):8.1f} items/s  (median {statistics.median(raw):.3f} s, "
+        "no stop sequences: every answer runs to its token budget)"
+    )
 
 
 if __name__ == "__main__":

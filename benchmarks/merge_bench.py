@@ -37,10 +37,20 @@ SHAPES = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "2b": (4096, 8, 32, 8, 14336, 32000),
 }
 METHODS = {  # method: (fine-tunes used, trial parameters)
-    "linear": (3, lambda models, base: {"models": [{"model": m, "parameters": {"weight": w}}
-                                                   for m, w in zip([base, *models[:2]], (0.5, 0.3, 0.2))]}),
-    "slerp": (1, lambda models, base: {"base_model": base, "parameters": {"t": [0.2, 0.7]},
-                                       "models": [{"model": base}, {"model": models[0]}]}),
+    "linear": (
+        3,
+        lambda models, base: {
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip([base, *models[:2]], (0.5, 0.3, 0.2))]
+        },
+    ),
+    "slerp": (
+        1,
+        lambda models, base: {
+            "base_model": base,
+            "parameters": {"t": [0.2, 0.7]},
+            "models": [{"model": base}, {"model": models[0]}],
+        },
+    ),
     "task_arithmetic": (3, lambda models, base: _task_family(models, base)),
     "ties": (3, lambda models, base: _task_family(models, base)),
     "dare_ties": (3, lambda models, base: _task_family(models, base)),
@@ -49,41 +59,65 @@ METHODS = {  # method: (fine-tunes used, trial parameters)
 
 
 def _task_family(models: list[str], base: str) -> dict:
-    return {"base_model": base, "models": [
-        {"model": m, "parameters": {"weight": w, "density": d}}
-        for m, w, d in zip(models, (0.5, 0.3, 0.4), (0.3, 0.5, 0.7))]}
+    return {
+        "base_model": base,
+        "models": [
+            {"model": m, "parameters": {"weight": w, "density": d}}
+            for m, w, d in zip(models, (0.5, 0.3, 0.4), (0.3, 0.5, 0.7))
+        ],
+    }
 
 
 def write_parents(folder: Path, shape: str, dtype: torch.dtype) -> list[str]:
     hidden, layers, heads, kv, intermediate, vocab = SHAPES[shape]
-    config = MistralConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           num_key_value_heads=kv, intermediate_size=intermediate, vocab_size=vocab,
-                           tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch."),
-                           architectures=["MistralForCausalLM"])
+    config = MistralConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        dtype=str(dtype).removeprefix("torch."),
+        architectures=["MistralForCausalLM"],
+    )
     head = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         prefix = f"model.layers.{i}."
-        shapes.update({prefix + "input_layernorm.weight": (hidden,),
-                       prefix + "post_attention_layernorm.weight": (hidden,),
-                       prefix + "self_attn.q_proj.weight": (heads * head, hidden),
-                       prefix + "self_attn.k_proj.weight": (kv * head, hidden),
-                       prefix + "self_attn.v_proj.weight": (kv * head, hidden),
-                       prefix + "self_attn.o_proj.weight": (hidden, heads * head),
-                       prefix + "mlp.gate_proj.weight": (intermediate, hidden),
-                       prefix + "mlp.up_proj.weight": (intermediate, hidden),
-                       prefix + "mlp.down_proj.weight": (hidden, intermediate)})
+        shapes.update(
+            {
+                prefix + "input_layernorm.weight": (hidden,),
+                prefix + "post_attention_layernorm.weight": (hidden,),
+                prefix + "self_attn.q_proj.weight": (heads * head, hidden),
+                prefix + "self_attn.k_proj.weight": (kv * head, hidden),
+                prefix + "self_attn.v_proj.weight": (kv * head, hidden),
+                prefix + "self_attn.o_proj.weight": (hidden, heads * head),
+                prefix + "mlp.gate_proj.weight": (intermediate, hidden),
+                prefix + "mlp.up_proj.weight": (intermediate, hidden),
+                prefix + "mlp.down_proj.weight": (hidden, intermediate),
+            }
+        )
     generator = torch.Generator().manual_seed(0)
     base = {name: torch.randn(s, generator=generator) * 0.02 for name, s in shapes.items()}
     paths = []
     for index in range(4):
         path = folder / ("base" if index == 0 else f"tuned-{index}")
         path.mkdir()
-        tensors = base if index == 0 else {
-            name: value + torch.randn(value.shape, generator=generator) * 1e-3 for name, value in base.items()}
-        save_file({name: value.to(dtype).contiguous() for name, value in tensors.items()},
-                  path / "model.safetensors", metadata={"format": "pt"})
+        tensors = (
+            base
+            if index == 0
+            else {name: value + torch.randn(value.shape, generator=generator) * 1e-3 for name, value in base.items()}
+        )
+        save_file(
+            {name: value.to(dtype).contiguous() for name, value in tensors.items()},
+            path / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         config.save_pretrained(path)
         paths.append(str(path))
     return paths
@@ -95,13 +129,18 @@ def mergekit_api(engine: Engine, config: dict, device: torch.device) -> float:
 
     plan = engine.plan(config)
     models = list(dict.fromkeys(s.model for job in plan.jobs for s in job.sources))
-    state_dicts = {m: {job.name: engine.parents.stored(m, next(s.tensor for s in job.sources if s.model == m))
-                       for job in plan.jobs} for m in models}
+    state_dicts = {
+        m: {
+            job.name: engine.parents.stored(m, next(s.tensor for s in job.sources if s.model == m)) for job in plan.jobs
+        }
+        for m in models
+    }
     first = plan.jobs[0]
     base = first.sources[first.base].model if first.base is not None else None
     parameters = {**first.shared, **first.per_input}
     if "t" in first.shared:  # per-layer gradient values: one entry per tensor group
         from mergekit.merge_methods import PerGroupValues
+
         parameters["t"] = PerGroupValues([job.shared["t"] for job in plan.jobs])
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -157,15 +196,19 @@ def main(argv: list[str] | None = None) -> None:
         parents.load()
         params = sum(t.numel() for t in parents[paths[0]].tensors.values())
         bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
-        print(f"# {shape} Mistral shape, {params / 1e6:.0f}M parameters, {opts.dtype}, {device}, "
-              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
-        print("| method | engine s | precompute s | mergekit API s | API/engine | "
-              "mergekit-yaml s | yaml/engine |" + (" x floor | peak GiB |" if bandwidth else ""))
+        print(
+            f"# {shape} Mistral shape, {params / 1e6:.0f}M parameters, {opts.dtype}, {device}, "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        print(
+            "| method | engine s | precompute s | mergekit API s | API/engine | "
+            "mergekit-yaml s | yaml/engine |" + (" x floor | peak GiB |" if bandwidth else "")
+        )
         print("|---|---|---|---|---|---|---|" + ("---|---|" if bandwidth else ""))
         for method in opts.methods.split(","):
             tuned, make = METHODS[method]
-            config = {"merge_method": method, "dtype": opts.dtype, **make(paths[1:1 + tuned], paths[0])}
+            config = {"merge_method": method, "dtype": opts.dtype, **make(paths[1 : 1 + tuned], paths[0])}
             engine = Engine(parents)
             started = time.perf_counter()
             engine.build(config, seed=0)
@@ -174,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             ours = min(r.seconds for r in reports)
             api = min(mergekit_api(engine, config, device) for _ in range(repeats))
             disk = None if opts.no_yaml else min(mergekit_yaml(config, folder, device) for _ in range(repeats))
-            row = (f"| {method} | {ours:.3f} | {precompute:.3f} | {api:.3f} | {api / ours:.1f} | "
-                   + (f"{disk:.1f} | {disk / ours:.0f} |" if disk else "- | - |"))
+            row = f"| {method} | {ours:.3f} | {precompute:.3f} | {api:.3f} | {api / ours:.1f} | " + (
+                f"{disk:.1f} | {disk / ours:.0f} |" if disk else "- | - |"
+            )
             if bandwidth:
                 plan = engine.plan(config)
                 moved = sum(parents[s.model].headers[s.tensor].nbytes for j in plan.jobs for s in j.sources)

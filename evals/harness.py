@@ -33,7 +33,6 @@ from evals.splits import ItemSplits, split_items
 from evals.tasks import BUNDLED_TASKS, cache_root, include_path
 from user_input import UserError
 
-
 FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default for the few-shot sampler
 
 
@@ -73,7 +72,9 @@ def _configure(task, spec: TaskSpec) -> None:
     """Apply the spec's options the way lm-eval's own simple_evaluate applies its flags."""
     name, config = spec.task, task.config
     if spec.data_files and config.test_split not in spec.data_files and config.validation_split not in spec.data_files:
-        raise TaskError(f"task {name!r}: data_files needs its evaluation split {config.test_split or config.validation_split!r}")
+        raise TaskError(
+            f"task {name!r}: data_files needs its evaluation split {config.test_split or config.validation_split!r}"
+        )
     if spec.num_fewshot is not None:
         task.set_config(key="num_fewshot", value=spec.num_fewshot)
     elif task.get_config("num_fewshot") is None:
@@ -115,7 +116,9 @@ def known_tasks(specs: Sequence[TaskSpec]):
     manager = task_manager(str(include_path()), any(name not in BUNDLED_TASKS for name in names))
     for spec in specs:
         if spec.task not in manager.all_subtasks:
-            kind = "a group or tag; list its tasks one by one" if spec.task in manager.all_tasks else "unknown to lm-eval"
+            kind = (
+                "a group or tag; list its tasks one by one" if spec.task in manager.all_tasks else "unknown to lm-eval"
+            )
             raise TaskError(f"task {spec.task!r} is {kind} (bundled tasks: {', '.join(BUNDLED_TASKS)})")
     return manager
 
@@ -141,8 +144,10 @@ def load_tasks(specs: Sequence[TaskSpec]) -> dict[str, object]:
             if not spec.data_files:
                 raise
             files = ", ".join(str(path) for path in spec.data_files.values())
-            raise TaskError(f"task {spec.task!r}: data_files {files} do not load as its dataset "
-                            f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+            raise TaskError(
+                f"task {spec.task!r}: data_files {files} do not load as its dataset "
+                f"({type(err).__name__}: {' '.join(str(err).split())})"
+            ) from None
         tasks[spec.task] = loaded[spec.task]
         _configure(tasks[spec.task], spec)
     return tasks
@@ -241,7 +246,9 @@ class Evaluator:
         def tokens(instance) -> int:
             text = "".join(a for a in instance.args if isinstance(a, str))
             generates = instance.request_type == "generate_until"
-            return len(self.lm.tok_encode(text)) + (instance.args[1].get("max_gen_toks", self.lm.max_gen_toks) if generates else 0)
+            return len(self.lm.tok_encode(text)) + (
+                instance.args[1].get("max_gen_toks", self.lm.max_gen_toks) if generates else 0
+            )
 
         length = min(self.lm.max_length, max(map(tokens, requests)))
         return patches.detect_batch_size(self.lm, length)

@@ -8,18 +8,30 @@ every time, and silence bars that would flood the search's own. None of them cha
 All were checked against lm-eval 0.4.13 (``CHECKED``), the version ``pyproject.toml`` pins; a new
 lm-eval version means re-reading each symbol named here, then moving the pin.
 
-| patch | lm-eval symbol | kind | why |
-|---|---|---|---|
-| ``ModelClock`` | ``HFLM._model_call``, ``HFLM._model_generate`` | private, wrapped | time the model apart from lm-eval's overhead |
-| ``quiet_model`` | ``HFLM.generate_until``, ``loglikelihood``, ``loglikelihood_rolling`` | public, ``disable_tqdm`` bound | one bar per request batch |
-| ``set_batch_size`` | ``HFLM.batch_size_per_gpu`` | attribute | a probed or given batch size without a new HFLM |
-| ``detect_batch_size`` | ``HFLM._detect_batch_size`` | private, called | lm-eval's OOM-halving probe, once per study |
-| ``memoize_tokenization`` | ``HFLM.tok_encode``, ``HFLM.tok_batch_encode`` | public, replaced | prompts are encoded again on every call |
-| ``cache_jinja_templates`` | ``lm_eval.utils.env.from_string`` | process-wide, memoized | a template is compiled again per doc and metric |
-| ``freeze_eval_docs`` | ``Task.test_docs``/``validation_docs``, ``Task.doc_to_target`` | public, replaced | docs are decoded and targets rendered on every call |
-| ``quiet_request_building`` | ``lm_eval.api.task.tqdm`` | module global, swapped | a bar per task while prompts are built once |
-| ``serve`` | ``Task.build_all_requests`` | public, replaced | ``evaluate`` rebuilds every prompt on every call |
-| ``filter_names``, ``score_only`` | ``Task._filters``, ``_metric_fn_list``, ``_metric_fn_kwargs``, ``_aggregation_list``, ``_higher_is_better`` | private, read and pruned | every filter and metric runs per item; one of each is reported |
+Each patch, the lm-eval symbol it touches, and why:
+
+- ``ModelClock``: wraps ``HFLM._model_call`` and ``HFLM._model_generate`` (private), to time the
+  model apart from lm-eval's overhead.
+- ``hflm``: lowers the ``lm_eval.models.huggingface`` logger while HFLM is given a model object,
+  whose two warnings are what we intend.
+- ``quiet_model``: binds ``disable_tqdm`` on ``HFLM.generate_until``, ``loglikelihood`` and
+  ``loglikelihood_rolling``: one bar per request batch would flood the search's own.
+- ``set_batch_size``: sets ``HFLM.batch_size_per_gpu``, a probed or given batch size without a new
+  HFLM.
+- ``detect_batch_size``: calls ``HFLM._detect_batch_size`` (private), lm-eval's OOM-halving probe,
+  once per Evaluator, on GPUs only.
+- ``memoize_tokenization``: replaces ``HFLM.tok_encode`` and ``tok_batch_encode``: prompts are
+  encoded again on every call.
+- ``cache_jinja_templates``: memoizes ``lm_eval.utils.env.from_string`` process-wide: a template is
+  compiled again per doc and metric.
+- ``freeze_eval_docs``: replaces ``Task.test_docs``/``validation_docs`` and ``Task.doc_to_target``:
+  docs are decoded and targets rendered on every call.
+- ``quiet_request_building``: swaps the module global ``lm_eval.api.task.tqdm`` while prompts are
+  built, once.
+- ``serve``: replaces ``Task.build_all_requests``: ``evaluate`` rebuilds every prompt on every call.
+- ``filter_names``, ``score_only``: read and prune ``Task._filters``, ``_metric_fn_list``,
+  ``_metric_fn_kwargs``, ``_aggregation_list`` and ``_higher_is_better`` (private): every filter and
+  metric runs per item, and one of each is reported.
 """
 
 from __future__ import annotations
@@ -90,22 +102,24 @@ def memoize_tokenization(lm) -> None:
     once. lm-eval re-encodes every prompt to sort requests and again to batch them, per call."""
     encode, batch_encode = lm.tok_encode, lm.tok_batch_encode
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def encoded(string: str, add_special_tokens, left_truncate_len) -> tuple[int, ...]:
         return tuple(encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len))
 
     @functools.lru_cache(maxsize=4096)
     def batch_encoded(strings: tuple[str, ...], padding_side, left_truncate_len, truncation):
-        return batch_encode(list(strings), padding_side=padding_side, left_truncate_len=left_truncate_len,
-                            truncation=truncation)
+        return batch_encode(
+            list(strings), padding_side=padding_side, left_truncate_len=left_truncate_len, truncation=truncation
+        )
 
     def tok_encode(string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
         if kwargs:
             return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
         return list(encoded(string, add_special_tokens, left_truncate_len))
 
-    def tok_batch_encode(strings: list[str], padding_side: str = "left", left_truncate_len=None,
-                         truncation: bool = False):
+    def tok_batch_encode(
+        strings: list[str], padding_side: str = "left", left_truncate_len=None, truncation: bool = False
+    ):
         ids, mask = batch_encoded(tuple(strings), padding_side, left_truncate_len, truncation)
         return ids.clone(), mask.clone()  # generate() may keep or move them; the cache stays intact
 

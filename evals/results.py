@@ -88,19 +88,28 @@ class EvalResult(Mapping[str, TaskScore]):
         """The evaluation that ``record()`` wrote, per-item scores and all."""
         given = [f.name for f in dataclasses.fields(TaskScore) if f.init]
         scores = {name: TaskScore(**{key: score[key] for key in given}) for name, score in record["tasks"].items()}
-        return cls(record["split"], scores, record["seconds"], record["model_seconds"], record["batch_size"],
-                   record["error"])
+        return cls(
+            record["split"], scores, record["seconds"], record["model_seconds"], record["batch_size"], record["error"]
+        )
 
     def extended(self, more: EvalResult) -> EvalResult:
         """This evaluation followed by ``more``, a later stretch of the same split's order: the
         scores of the longer prefix, without scoring this one's items again."""
         if not more.ok:
             return more
-        scores = {name: dataclasses.replace(score, doc_ids=score.doc_ids + more.scores[name].doc_ids,
-                                            per_item=score.per_item + more.scores[name].per_item)
-                  if name in more.scores else score for name, score in self.scores.items()}
-        return EvalResult(self.split, scores, self.seconds + more.seconds,
-                          self.model_seconds + more.model_seconds, more.batch_size)
+        scores = {
+            name: dataclasses.replace(
+                score,
+                doc_ids=score.doc_ids + more.scores[name].doc_ids,
+                per_item=score.per_item + more.scores[name].per_item,
+            )
+            if name in more.scores
+            else score
+            for name, score in self.scores.items()
+        }
+        return EvalResult(
+            self.split, scores, self.seconds + more.seconds, self.model_seconds + more.model_seconds, more.batch_size
+        )
 
     def table(self) -> str:
         rows = [f"{'task':<24} {'metric':<28} {'split':<7} {'n':>5} {'mean':>7}  95% CI"]

@@ -8,6 +8,7 @@ hub task at a local copy of its dataset (same schema, for example openai/gsm8k's
 from __future__ import annotations
 
 from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GenValue = bool | int | float | str | list[str]
@@ -40,7 +41,9 @@ class TaskSpec(BaseModel):
             raise ValueError("data_files is empty; give at least the evaluation split, e.g. {test: FILE}")
         formats = {DATA_FORMATS.get(p.suffix) for p in files.values()}
         if None in formats or len(formats) > 1:
-            raise ValueError(f"data_files must all be .parquet or all .json/.jsonl, got {sorted(map(str, files.values()))}")
+            raise ValueError(
+                f"data_files must all be .parquet or all .json/.jsonl, got {sorted(map(str, files.values()))}"
+            )
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
             raise ValueError(f"data file(s) not found: {', '.join(missing)}")
@@ -59,7 +62,9 @@ class TaskSpec(BaseModel):
     @classmethod
     def _metric_key(cls, metric: str | None) -> str | None:
         if metric is not None and metric.count(",") != 1:
-            raise ValueError(f"metric {metric!r} must be lm-eval's 'metric,filter' key, e.g. 'exact_match,strict-match'")
+            raise ValueError(
+                f"metric {metric!r} must be lm-eval's 'metric,filter' key, e.g. 'exact_match,strict-match'"
+            )
         return metric
 
     @property

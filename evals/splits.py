@@ -36,9 +36,7 @@ class ItemSplits:
         return {"procedure": PROCEDURE, **asdict(self)}
 
 
-def split_items(
-    task: str, n_items: int, seed: int = 0, fractions: tuple[float, float] = (1 / 3, 1 / 3)
-) -> ItemSplits:
+def split_items(task: str, n_items: int, seed: int = 0, fractions: tuple[float, float] = (1 / 3, 1 / 3)) -> ItemSplits:
     if n_items < 3:
         raise ValueError(f"task {task!r} has {n_items} items; at least 3 are needed to split")
     order = list(range(n_items))

@@ -52,8 +52,12 @@ def paired_bootstrap(
 
 
 def stratified_paired_bootstrap(
-    a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], weights: Mapping[str, float],
-    iters: int = 10_000, seed: int = 0, level: float = 0.95,
+    a: Mapping[str, Sequence[float]],
+    b: Mapping[str, Sequence[float]],
+    weights: Mapping[str, float],
+    iters: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> PairedDifference:
     """Percentile bootstrap of ``sum_t w_t * mean_t(A - B) / sum_t w_t`` over tasks t: a weighted
     objective's paired difference between two models scored on the same items.
@@ -74,8 +78,15 @@ def stratified_paired_bootstrap(
         diffs[task] = np.asarray(a[task], dtype=float) - np.asarray(b[task], dtype=float)
     rng = np.random.default_rng(seed)
     chunks = [min(1000, iters - start) for start in range(0, iters, 1000)]  # bounded memory
-    means = np.concatenate([sum(w / total * diffs[t][rng.integers(0, len(diffs[t]), (k, len(diffs[t])))].mean(1)
-                                for t, w in weights.items()) for k in chunks])
+    means = np.concatenate(
+        [
+            sum(
+                w / total * diffs[t][rng.integers(0, len(diffs[t]), (k, len(diffs[t])))].mean(1)
+                for t, w in weights.items()
+            )
+            for k in chunks
+        ]
+    )
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     p_value = min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0)))
     mean = sum(w / total * diffs[t].mean() for t, w in weights.items())

@@ -16,10 +16,26 @@ if TYPE_CHECKING:
     from merge_core.parents import Parents
     from merge_core.planner import MergePlan, plan_merge
 
-_MODULES = {"BuildReport": "engine", "Candidate": "engine", "Engine": "engine", "MergeInputError": "errors",
-            "MergePlan": "planner", "Parents": "parents", "merge_to_folder": "export", "plan_merge": "planner"}
-__all__ = ["BuildReport", "Candidate", "Engine", "MergeInputError", "MergePlan", "Parents", "merge_to_folder",
-           "plan_merge"]
+_MODULES = {
+    "BuildReport": "engine",
+    "Candidate": "engine",
+    "Engine": "engine",
+    "MergeInputError": "errors",
+    "MergePlan": "planner",
+    "Parents": "parents",
+    "merge_to_folder": "export",
+    "plan_merge": "planner",
+}
+__all__ = [
+    "BuildReport",
+    "Candidate",
+    "Engine",
+    "MergeInputError",
+    "MergePlan",
+    "Parents",
+    "merge_to_folder",
+    "plan_merge",
+]
 
 
 def __getattr__(name: str):

@@ -22,8 +22,9 @@ def load_config(source: ConfigSource) -> MergeConfiguration:
     """Parse and check the parts of a config that need no model: structure, method, dtypes."""
     if isinstance(source, MergeConfiguration):
         return source.model_copy(deep=True)
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
-                                    and source.endswith((".yaml", ".yml"))):
+    if isinstance(source, Path) or (
+        isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
+    ):
         path = Path(source)
         if not path.is_file():
             raise MergeInputError(f"config file {path} does not exist")
@@ -42,16 +43,20 @@ def load_config(source: ConfigSource) -> MergeConfiguration:
     check_method(config.merge_method)
     for key in ("dtype", "out_dtype"):
         torch_dtype(getattr(config, key), key)
-    unsupported = [key for key in ("tokenizer", "tokenizer_source", "chat_template")
-                   if getattr(config, key) is not None]
+    unsupported = [
+        key for key in ("tokenizer", "tokenizer_source", "chat_template") if getattr(config, key) is not None
+    ]
     if unsupported:
         # The vocabulary permutation mergekit applies for these is not built yet.
-        raise MergeInputError(f"config key {unsupported[0]!r} is not supported by soupsearch merge; "
-                              "use mergekit-yaml for tokenizer surgery")
+        raise MergeInputError(
+            f"config key {unsupported[0]!r} is not supported by soupsearch merge; "
+            "use mergekit-yaml for tokenizer surgery"
+        )
     for model in config.referenced_models():
         if model.lora is not None or model.override_architecture is not None:
-            raise MergeInputError(f"model {model}: LoRA adapters and architecture overrides "
-                                  "are not supported; merge the adapter first")
+            raise MergeInputError(
+                f"model {model}: LoRA adapters and architecture overrides are not supported; merge the adapter first"
+            )
     return config
 
 
@@ -69,6 +74,5 @@ def torch_dtype(name: str | None, key: str = "dtype") -> torch.dtype | None:
     except RuntimeError:
         dtype = torch.int64  # rejected below with the key's name
     if dtype is not None and not dtype.is_floating_point:
-        raise MergeInputError(f"{key}: {name!r} is not a floating-point dtype "
-                              "(bfloat16, float16, float32 or float64)")
+        raise MergeInputError(f"{key}: {name!r} is not a floating-point dtype (bfloat16, float16, float32 or float64)")
     return dtype

@@ -61,8 +61,7 @@ class Engine:
     `device_budget` bytes (no budget: always); otherwise they stay in host memory and stream.
     """
 
-    def __init__(self, parents: Parents, device_budget: int | None = None,
-                 use_fast_paths: bool = True) -> None:
+    def __init__(self, parents: Parents, device_budget: int | None = None, use_fast_paths: bool = True) -> None:
         self.parents = parents
         self.device = parents.device
         self.device_budget = device_budget
@@ -98,21 +97,33 @@ class Engine:
                     self._fast(method, job, inputs, seed, target)
                 else:
                     with _seeded(seed, job.name, self.device, method.seeded):
-                        target.copy_(merge_tensors(
-                            inputs, plan.method, parameters={**job.shared, **job.per_input},
-                            ids=job.models, base_index=job.base, name=job.name,
-                            dtype=job.in_dtype, out_dtype=job.out_dtype))
+                        target.copy_(
+                            merge_tensors(
+                                inputs,
+                                plan.method,
+                                parameters={**job.shared, **job.per_input},
+                                ids=job.models,
+                                base_index=job.base,
+                                name=job.name,
+                                dtype=job.in_dtype,
+                                out_dtype=job.out_dtype,
+                            )
+                        )
                 self._account(-scratch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return BuildReport(
-            method=plan.method, seconds=time.perf_counter() - started, fast_path=fast_path,
-            streamed=self.parents.streamed, peak_device_bytes=self._peak,
-            peak_cuda_bytes=torch.cuda.max_memory_allocated(self.device)
-            if self.device.type == "cuda" else None)
+            method=plan.method,
+            seconds=time.perf_counter() - started,
+            fast_path=fast_path,
+            streamed=self.parents.streamed,
+            peak_device_bytes=self._peak,
+            peak_cuda_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+        )
 
-    def _fast(self, method: methods.Method, job: TensorJob, inputs: list[torch.Tensor], seed: int,
-              target: torch.Tensor) -> None:
+    def _fast(
+        self, method: methods.Method, job: TensorJob, inputs: list[torch.Tensor], seed: int, target: torch.Tensor
+    ) -> None:
         if job.in_dtype is not None:
             inputs = [tensor.to(job.in_dtype) for tensor in inputs]
         method.fast_path().merge(method, job, inputs, self.cache, seed, target)
@@ -131,8 +142,7 @@ class Engine:
         if any(parent.tensors for parent in self.parents):
             return
         values, scratch = methods.footprint(plan, self.parents) if fast_path else (0, 0)
-        largest = max(sum(self.parents[s.model].headers[s.tensor].nbytes for s in job.sources)
-                      for job in plan.jobs)
+        largest = max(sum(self.parents[s.model].headers[s.tensor].nbytes for s in job.sources) for job in plan.jobs)
         # the parents and their cache, the candidate, the fast path's scratch and one tensor's
         # merge temporaries (twice its inputs, as build accounts them)
         needed = self.parents.nbytes + values + self.candidate.nbytes + scratch + 2 * largest
@@ -142,11 +152,13 @@ class Engine:
             # the current and the prefetched tensor's inputs, their merge temporaries, the scratch
             streaming_peak = self.candidate.nbytes + scratch + 4 * largest
             if streaming_peak > self.device_budget:
-                raise MergeInputError(f"device budget {self.device_budget} bytes is below the "
-                                      f"{streaming_peak} bytes that streaming needs")
+                raise MergeInputError(
+                    f"device budget {self.device_budget} bytes is below the {streaming_peak} bytes that streaming needs"
+                )
 
     def _inputs(self, plan: MergePlan) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
         """Yield each job with its inputs on the device, the next job's transfer already started."""
+
         def start(job: TensorJob):
             transfer = self.parents.prefetch(self.parents.stored(s.model, s.tensor) for s in job.sources)
             if self.parents.streamed:

@@ -12,6 +12,7 @@ from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge import _copy_tokenizer
 from mergekit.options import MergeOptions
 
+from atomic import atomic_folder
 from merge_core.config import load_config
 from merge_core.engine import BuildReport, Engine
 from merge_core.errors import MergeInputError
@@ -19,12 +20,10 @@ from merge_core.parents import Parents
 from merge_core.planner import MergePlan
 from user_input import parse_yaml, read_text
 
-from atomic import atomic_folder
 LOG = logging.getLogger(__name__)
 
 
-def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = "cpu",
-                    seed: int = 0) -> BuildReport:
+def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = "cpu", seed: int = 0) -> BuildReport:
     """`mergekit-yaml CONFIG OUT_DIR`, built by the engine; nothing is left behind on failure."""
     path, out = Path(config_file), Path(out_dir)
     if not path.is_file():
@@ -52,8 +51,9 @@ def check_out_dir(out: Path) -> None:
         raise MergeInputError(f"output folder {out}: cannot write there ({problem.strerror})") from None
 
 
-def write_folder(engine: Engine, plan: MergePlan, merge_config: MergeConfiguration, text: str,
-                 folder: Path, name: str) -> None:
+def write_folder(
+    engine: Engine, plan: MergePlan, merge_config: MergeConfiguration, text: str, folder: Path, name: str
+) -> None:
     """Safetensors shards, config.json, tokenizer and model card, laid out as mergekit does."""
     options = MergeOptions()
     writer = TensorWriter(str(folder), max_shard_size=options.out_shard_size)
@@ -61,14 +61,16 @@ def write_folder(engine: Engine, plan: MergePlan, merge_config: MergeConfigurati
         writer.save_tensor(job.name, engine.candidate.tensors[job.name].detach().to("cpu"))
     writer.finalize()
     plan.out_config.save_pretrained(folder)
-    (folder / "README.md").write_text(generate_card(config=merge_config, config_yaml=text,
-                                                    name=name), encoding="utf-8")
+    (folder / "README.md").write_text(generate_card(config=merge_config, config_yaml=text, name=name), encoding="utf-8")
     (folder / "mergekit_config.yml").write_text(text, encoding="utf-8")
     # mergekit's own copier, so the same files come from the same donor (base_model or first model);
     # like mergekit-yaml, a donor without tokenizer files still gets its merge written, with a warning
     try:
         _copy_tokenizer(merge_config, str(folder), options=options)
     except Exception as problem:  # noqa: BLE001 -- mergekit-yaml catches every failure here too
-        LOG.warning("merge %s is written without a tokenizer: copying the donor's failed (%s: %s)",
-                    name, type(problem).__name__, " ".join(str(problem).split()))
-
+        LOG.warning(
+            "merge %s is written without a tokenizer: copying the donor's failed (%s: %s)",
+            name,
+            type(problem).__name__,
+            " ".join(str(problem).split()),
+        )

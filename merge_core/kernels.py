@@ -131,18 +131,35 @@ def _total(levels, width):
 
 
 @njit(**_PARALLEL)
-def task_arithmetic(base, out, taus, ranks, kinds, limits, keys, factors, weights, consensus, normalize,
-                    divisor, scale, parts) -> None:
+def task_arithmetic(
+    base, out, taus, ranks, kinds, limits, keys, factors, weights, consensus, normalize, divisor, scale, parts
+) -> None:
     """out = mergekit's GeneralizedTaskArithmeticMerge of base and the task vectors ``taus``."""
     step = (base.size + parts - 1) // parts
     for part in prange(parts):
-        _task_arithmetic(part * step, min(base.size, (part + 1) * step), base, out, taus, ranks, kinds, limits,
-                         keys, factors, weights, consensus, normalize, divisor, scale)
+        _task_arithmetic(
+            part * step,
+            min(base.size, (part + 1) * step),
+            base,
+            out,
+            taus,
+            ranks,
+            kinds,
+            limits,
+            keys,
+            factors,
+            weights,
+            consensus,
+            normalize,
+            divisor,
+            scale,
+        )
 
 
 @njit(**_JIT)
-def _task_arithmetic(start, stop, base, out, taus, ranks, kinds, limits, keys, factors, weights,
-                     consensus, normalize, divisor, scale) -> None:
+def _task_arithmetic(
+    start, stop, base, out, taus, ranks, kinds, limits, keys, factors, weights, consensus, normalize, divisor, scale
+) -> None:
     """out[start:stop] = mergekit's GeneralizedTaskArithmeticMerge over the same elements.
 
     Per element, in mergekit's order: d_i = w_i * sparsified tau_i; with sign consensus, the sign

@@ -13,9 +13,18 @@ from transformers import AutoConfig, PretrainedConfig
 
 from merge_core.errors import MergeInputError, ParentError
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def model_key(model: object) -> str:
@@ -54,8 +63,10 @@ class Parent:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             others = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
-            raise MergeInputError(f"model {path}: no .safetensors weights (found {', '.join(others)}); weights "
-                                  "load from safetensors only, never from pickled .bin files")
+            raise MergeInputError(
+                f"model {path}: no .safetensors weights (found {', '.join(others)}); weights "
+                "load from safetensors only, never from pickled .bin files"
+            )
         headers = {}
         for file in files:
             try:
@@ -64,13 +75,16 @@ class Parent:
                         info = reader.get_slice(name)
                         headers[name] = TensorHeader(tuple(info.get_shape()), _DTYPES[info.get_dtype()], file)
             except (SafetensorError, KeyError) as problem:
-                raise MergeInputError(f"model {path}: {file.name} is not a readable safetensors file "
-                                      f"({type(problem).__name__}: {problem})") from None
+                raise MergeInputError(
+                    f"model {path}: {file.name} is not a readable safetensors file "
+                    f"({type(problem).__name__}: {problem})"
+                ) from None
         try:
             config = AutoConfig.from_pretrained(folder)
         except (OSError, ValueError) as problem:  # not JSON, or no model_type transformers knows
-            raise MergeInputError(f"model {path}: config.json is not a usable model config "
-                                  f"({' '.join(str(problem).split())})") from None
+            raise MergeInputError(
+                f"model {path}: config.json is not a usable model config ({' '.join(str(problem).split())})"
+            ) from None
         return cls(model_key(path), config, headers)
 
     @property
@@ -114,8 +128,9 @@ class Parents:
     def __getitem__(self, model: object) -> Parent:
         key = model_key(model)
         if key not in self.by_key:
-            raise MergeInputError(f"model {model}: not among the loaded parents "
-                                  f"({', '.join(sorted(self.by_key)) or 'none'})")
+            raise MergeInputError(
+                f"model {model}: not among the loaded parents ({', '.join(sorted(self.by_key)) or 'none'})"
+            )
         return self.by_key[key]
 
     def __iter__(self) -> Iterator[Parent]:

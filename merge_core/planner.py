@@ -18,8 +18,13 @@ from typing import Any
 import torch
 from mergekit.architecture import ConfiguredModuleArchitecture, WeightInfo, arch_info_for_config
 from mergekit.common import ModelReference, set_config_value
-from mergekit.config import (ConfigReader, InputSliceDefinition, MergeConfiguration,
-                             OutputModuleDefinition, OutputSliceDefinition)
+from mergekit.config import (
+    ConfigReader,
+    InputSliceDefinition,
+    MergeConfiguration,
+    OutputModuleDefinition,
+    OutputSliceDefinition,
+)
 from mergekit.merge_methods import MergeMethod
 from mergekit.parameter_resolver import resolve_parameter, resolve_parameters
 from mergekit.sparsify import SparsificationMethod
@@ -84,16 +89,18 @@ def _common_architecture(configs: Mapping[str, PretrainedConfig]):
         try:
             archs[key] = arch_info_for_config(model_config)
         except (RuntimeError, TypeError):  # none or several architectures in config.json
-            raise MergeInputError(f"model {key}: config.json must name exactly one architecture, "
-                                  f"not {model_config.architectures}") from None
+            raise MergeInputError(
+                f"model {key}: config.json must name exactly one architecture, not {model_config.architectures}"
+            ) from None
         if archs[key] is None:
-            raise MergeInputError(f"model {key}: architecture {model_config.architectures} "
-                                  "is not known to mergekit")
+            raise MergeInputError(f"model {key}: architecture {model_config.architectures} is not known to mergekit")
     first_key, first = next(iter(archs.items()))
     for key, arch in archs.items():
         if arch != first:
-            raise MergeInputError(f"models have different architectures: {first_key} is "
-                                  f"{first.architectures[0]}, {key} is {arch.architectures[0]}")
+            raise MergeInputError(
+                f"models have different architectures: {first_key} is "
+                f"{first.architectures[0]}, {key} is {arch.architectures[0]}"
+            )
     return first
 
 
@@ -104,8 +111,7 @@ def _check_vocabularies(config: MergeConfiguration, configs: Mapping[str, Pretra
         raise MergeInputError(f"vocab sizes differ and no tokenizer_source is given: {listed}")
 
 
-def _normalize(config: MergeConfiguration, arch, configs, method: MergeMethod
-               ) -> dict[str, OutputModuleDefinition]:
+def _normalize(config: MergeConfiguration, arch, configs, method: MergeMethod) -> dict[str, OutputModuleDefinition]:
     """mergekit's MergePlanner.normalize_config, reading layer counts from the loaded configs."""
     if config.models:
         modules = {name: OutputModuleDefinition(models=config.models) for name in arch.modules}
@@ -117,18 +123,21 @@ def _normalize(config: MergeConfiguration, arch, configs, method: MergeMethod
         modules = {name: module.model_copy(deep=True) for name, module in config.modules.items()}
         for name in modules:
             if name not in arch.modules:
-                raise MergeInputError(f"modules: {name!r} is not a module of "
-                                      f"{arch.architectures[0]} ({', '.join(arch.modules)})")
+                raise MergeInputError(
+                    f"modules: {name!r} is not a module of {arch.architectures[0]} ({', '.join(arch.modules)})"
+                )
     base = config.base_model
     for name, module in modules.items():
         layers = arch.modules[name].architecture.num_layers
         if module.models:
-            sources = [InputSliceDefinition(model=m.model, parameters=m.parameters,
-                                            layer_range=(0, layers(configs[model_key(m.model)])))
-                       for m in module.models]
+            sources = [
+                InputSliceDefinition(
+                    model=m.model, parameters=m.parameters, layer_range=(0, layers(configs[model_key(m.model)]))
+                )
+                for m in module.models
+            ]
             if base and all(m.model != base for m in module.models):
-                sources.append(InputSliceDefinition(model=base,
-                                                    layer_range=(0, layers(configs[model_key(base)]))))
+                sources.append(InputSliceDefinition(model=base, layer_range=(0, layers(configs[model_key(base)]))))
             module.slices, module.models = [OutputSliceDefinition(sources=sources)], None
         for index, out_slice in enumerate(module.slices):
             where = f"{name}.slices[{index}]"
@@ -136,21 +145,25 @@ def _normalize(config: MergeConfiguration, arch, configs, method: MergeMethod
                 start, end = source.layer_range
                 available = layers(configs[model_key(source.model)])
                 if not 0 <= start < end <= available:
-                    raise MergeInputError(f"{where}: layer_range [{start}, {end}] is outside model "
-                                          f"{source.model}, which has {available} layers")
+                    raise MergeInputError(
+                        f"{where}: layer_range [{start}, {end}] is outside model "
+                        f"{source.model}, which has {available} layers"
+                    )
             lengths = {s.layer_range[1] - s.layer_range[0] for s in out_slice.sources}
             if len(lengths) > 1:
                 raise MergeInputError(f"{where}: sources have different numbers of layers {lengths}")
             try:
-                method.validate_inputs([s.model for s in out_slice.sources],
-                                       out_slice.base_model or base, group_name=where)
+                method.validate_inputs(
+                    [s.model for s in out_slice.sources], out_slice.base_model or base, group_name=where
+                )
             except ValueError as problem:
                 raise MergeInputError(f"merge_method {method.spec.name}: {problem}") from None
     return modules
 
 
-def _out_config(config: MergeConfiguration, arch, donor: PretrainedConfig,
-                modules: Mapping[str, OutputModuleDefinition]) -> PretrainedConfig:
+def _out_config(
+    config: MergeConfiguration, arch, donor: PretrainedConfig, modules: Mapping[str, OutputModuleDefinition]
+) -> PretrainedConfig:
     """mergekit's _model_out_config: the donor's config with dtype and per-module layer counts."""
     out = copy.deepcopy(donor)
     if config.out_dtype or config.dtype:
@@ -158,14 +171,22 @@ def _out_config(config: MergeConfiguration, arch, donor: PretrainedConfig,
     for name, module in modules.items():
         key = arch.modules[name].architecture.num_layers_config_key()
         if key:
-            set_config_value(out, key, sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-                                           for s in module.slices))
+            set_config_value(
+                out, key, sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in module.slices)
+            )
     return out
 
 
 class _Planner:
-    def __init__(self, config: MergeConfiguration, method: MergeMethod, parents: Parents,
-                 configs: Mapping[str, PretrainedConfig], arch, out_config: PretrainedConfig) -> None:
+    def __init__(
+        self,
+        config: MergeConfiguration,
+        method: MergeMethod,
+        parents: Parents,
+        configs: Mapping[str, PretrainedConfig],
+        arch,
+        out_config: PretrainedConfig,
+    ) -> None:
         self.config, self.method, self.parents = config, method, parents
         self.configs, self.arch, self.out_config = configs, arch, out_config
         self.jobs: list[TensorJob] = []
@@ -173,8 +194,9 @@ class _Planner:
 
     def _module_arch(self, module: str, model_config: PretrainedConfig) -> ConfiguredModuleArchitecture:
         definition = self.arch.modules[module]
-        return ConfiguredModuleArchitecture(info=definition.architecture, config=model_config,
-                                            weight_prefix=definition.weight_prefix)
+        return ConfiguredModuleArchitecture(
+            info=definition.architecture, config=model_config, weight_prefix=definition.weight_prefix
+        )
 
     def plan_module(self, name: str, module: OutputModuleDefinition) -> None:
         self.out_layers = 0
@@ -182,23 +204,33 @@ class _Planner:
         reader = ConfigReader(config=self.config, t=0, module=module)
         first, last = module.slices[0], module.slices[-1]
         for weight in out_arch.pre_weights():
-            self.plan_tensor(weight, [weight] * len(first.sources), [s.model for s in first.sources],
-                             reader.for_out_slice(first))
+            self.plan_tensor(
+                weight, [weight] * len(first.sources), [s.model for s in first.sources], reader.for_out_slice(first)
+            )
         for out_slice in module.slices:
             count = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
             slice_reader = reader.for_out_slice(out_slice)
             for offset in range(count):
                 t = offset / (count - 1) if count > 1 else 1
                 weights_out = out_arch.layer_weights(index=self.out_layers)
-                weights_in = [self._module_arch(name, self.configs[model_key(s.model)])
-                              .layer_weights(index=s.layer_range[0] + offset) for s in out_slice.sources]
+                weights_in = [
+                    self._module_arch(name, self.configs[model_key(s.model)]).layer_weights(
+                        index=s.layer_range[0] + offset
+                    )
+                    for s in out_slice.sources
+                ]
                 for index, weight in enumerate(weights_out):
-                    self.plan_tensor(weight, [w[index] for w in weights_in],
-                                     [s.model for s in out_slice.sources], slice_reader.with_t(t))
+                    self.plan_tensor(
+                        weight,
+                        [w[index] for w in weights_in],
+                        [s.model for s in out_slice.sources],
+                        slice_reader.with_t(t),
+                    )
                 self.out_layers += 1
         for weight in out_arch.post_weights():
-            self.plan_tensor(weight, [weight] * len(first.sources), [s.model for s in last.sources],
-                             reader.for_out_slice(last))
+            self.plan_tensor(
+                weight, [weight] * len(first.sources), [s.model for s in last.sources], reader.for_out_slice(last)
+            )
 
     def _resolve_name(self, model: ModelReference, weight: WeightInfo) -> str | None:
         headers = self.parents[model].headers
@@ -208,24 +240,31 @@ class _Planner:
             raise MergeInputError(f"model {model}: tensor {weight.name} is missing")
         return found
 
-    def plan_tensor(self, weight: WeightInfo, weights_in: list[WeightInfo],
-                    models: list[ModelReference], reader: ConfigReader) -> None:
+    def plan_tensor(
+        self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], reader: ConfigReader
+    ) -> None:
         pairs = list(zip(models, weights_in))  # zip: post weights pair first-slice infos, as mergekit
         names = [self._resolve_name(model, w) for model, w in pairs]
         if all(name is None for name in names):
             return  # an optional weight (e.g. an untied lm_head) that no parent has
         if any(name is None for name in names):
-            raise MergeInputError(f"tensor {weight.name}: present in only some parents; "
-                                  "mixed optional weights are not supported")
+            raise MergeInputError(
+                f"tensor {weight.name}: present in only some parents; mixed optional weights are not supported"
+            )
         base = reader.base_model
         try:
             shared, per_model = resolve_parameters(
-                self.method.spec, tensor_name=weight.name,
+                self.method.spec,
+                tensor_name=weight.name,
                 inputs={model: w.name for model, w in pairs},
-                sources=reader.parameter_sources, base_model=base, t=reader.t)
+                sources=reader.parameter_sources,
+                base_model=base,
+                t=reader.t,
+            )
         except (ValidationError, RuntimeError, ValueError) as problem:
-            culprit = next((p.name for p in self.method.spec.parameters
-                            if not _resolves(p, reader, weight.name, models)), "?")
+            culprit = next(
+                (p.name for p in self.method.spec.parameters if not _resolves(p, reader, weight.name, models)), "?"
+            )
             raise MergeInputError(f"tensor {weight.name}: parameter {culprit}: {problem}") from None
         sources = tuple(Source(model_key(model), name) for (model, _), name in zip(pairs, names))
         headers = [self.parents[model].headers[name] for (model, _), name in zip(pairs, names)]
@@ -241,10 +280,15 @@ class _Planner:
             for parameter, value in values.items():
                 per_input.setdefault(parameter, {})[model_key(model)] = value
         job = TensorJob(
-            name=weight.name, sources=sources,
+            name=weight.name,
+            sources=sources,
             base=next((i for i, (m, _) in enumerate(pairs) if m == base), None),
-            shared=shared, per_input=per_input, shape=headers[0].shape, in_dtype=in_dtype,
-            out_dtype=torch_dtype(weight.force_dtype or self.config.out_dtype) or in_dtype or stored)
+            shared=shared,
+            per_input=per_input,
+            shape=headers[0].shape,
+            in_dtype=in_dtype,
+            out_dtype=torch_dtype(weight.force_dtype or self.config.out_dtype) or in_dtype or stored,
+        )
         check_ranges(self.method, job)
         self.jobs.append(job)
 
@@ -253,8 +297,9 @@ def _resolves(parameter, reader: ConfigReader, tensor: str, models: list[ModelRe
     """Whether one parameter resolves for every input; used only to name the one that does not."""
     try:
         for model in [None, *models]:
-            resolve_parameter(parameter, tuple(reader.parameter_sources(model)), tensor_name=tensor,
-                              t=reader.t, model=model)
+            resolve_parameter(
+                parameter, tuple(reader.parameter_sources(model)), tensor_name=tensor, t=reader.t, model=model
+            )
     except (ValidationError, RuntimeError, ValueError):
         return False
     return True
@@ -263,8 +308,10 @@ def _resolves(parameter, reader: ConfigReader, tensor: str, models: list[ModelRe
 def check_ranges(method: MergeMethod, job: TensorJob) -> None:
     """Reject the parameter values that mergekit itself only rejects mid-merge, or silently NaNs."""
     bernoulli = getattr(method, "sparsification_method", None) == SparsificationMethod.random  # dare_*
-    for parameter, value in [*job.shared.items(),
-                             *((p, v) for p, values in job.per_input.items() for v in values.values())]:
+    for parameter, value in [
+        *job.shared.items(),
+        *((p, v) for p, values in job.per_input.items() for v in values.values()),
+    ]:
         if isinstance(value, float) and not math.isfinite(value):
             raise MergeInputError(f"tensor {job.name}: parameter {parameter} is {value}")
     densities = job.per_input.get("density", {})
@@ -275,5 +322,6 @@ def check_ranges(method: MergeMethod, job: TensorJob) -> None:
         epsilon = job.per_input.get("epsilon", {}).get(model)
         if epsilon is not None and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
             # mergekit's della_magprune raises for this mid-merge; say so up front.
-            raise MergeInputError(f"model {model}, tensor {job.name}: density {density} +/- epsilon "
-                                  f"{epsilon} must stay inside (0, 1)")
+            raise MergeInputError(
+                f"model {model}, tensor {job.name}: density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
+            )

@@ -45,22 +45,34 @@ def _score(bench: Workbench, experiment: Experiment, split: str) -> EvalResult:
 def missing(study: optuna.Study, experiment: Experiment) -> dict[str, list[str]]:
     """alias -> the splits on which the study holds no score of that parent on these items yet."""
     attrs, limits = study.user_attrs, _limits(experiment)
-    todo = {alias: [split for split in SPLITS
-                    if _key(alias, split) not in attrs or attrs[_key(alias, split)]["limit"] != limits[split]]
-            for alias in experiment.models}
+    todo = {
+        alias: [
+            split
+            for split in SPLITS
+            if _key(alias, split) not in attrs or attrs[_key(alias, split)]["limit"] != limits[split]
+        ]
+        for alias in experiment.models
+    }
     return {alias: splits for alias, splits in todo.items() if splits}
 
 
-def score(study: optuna.Study, experiment: Experiment, bench: Workbench, tracker: Tracker,
-          parent_run: str) -> dict[str, dict[str, EvalResult]]:
+def score(
+    study: optuna.Study, experiment: Experiment, bench: Workbench, tracker: Tracker, parent_run: str
+) -> dict[str, dict[str, EvalResult]]:
     """Every parent on every split (alias -> split -> result): read from the study, or scored, with
     a progress display, where the study holds no result on these items yet."""
     from evals.results import EvalResult
     from search.soup import soup_config
 
     attrs, limits, todo = study.user_attrs, _limits(experiment), missing(study, experiment)
-    results = {alias: {split: EvalResult.from_record(attrs[_key(alias, split)]["result"])
-                       for split in SPLITS if split not in todo.get(alias, ())} for alias in experiment.models}
+    results = {
+        alias: {
+            split: EvalResult.from_record(attrs[_key(alias, split)]["result"])
+            for split in SPLITS
+            if split not in todo.get(alias, ())
+        }
+        for alias in experiment.models
+    }
     if not todo:
         return results
     objective, runs = experiment.evaluation.objective_function, attrs.get(RUNS, {})
@@ -68,8 +80,10 @@ def score(study: optuna.Study, experiment: Experiment, bench: Workbench, tracker
         for alias, splits in todo.items():
             report = bench.build(soup_config(experiment, bench.refs, [alias]), experiment.seed)
             if alias not in runs:
-                runs[alias] = {"mlflow_run_id": tracker.baseline_run(parent_run, study.study_name, alias),
-                               "merge_s": report.seconds}
+                runs[alias] = {
+                    "mlflow_run_id": tracker.baseline_run(parent_run, study.study_name, alias),
+                    "merge_s": report.seconds,
+                }
                 study.set_user_attr(RUNS, runs)
             run, status = runs[alias]["mlflow_run_id"], "FAILED"
             try:
@@ -79,11 +93,15 @@ def score(study: optuna.Study, experiment: Experiment, bench: Workbench, tracker
                         raise RuntimeError(f"parent {alias} failed on the {split} split: {result.error}")
                     # what a trial records: the objective, or each task's mean in a multi-objective study
                     values = objective.means(result) if len(study.directions) > 1 else [objective(result)]
-                    study.set_user_attr(_key(alias, split), {"limit": limits[split], "values": values,
-                                                             "result": result.record()})
+                    study.set_user_attr(
+                        _key(alias, split), {"limit": limits[split], "values": values, "result": result.record()}
+                    )
                     fidelity = {"fidelity": limits[split]} if split == "search" else {}  # as a trial's column
-                    tracker.log(run, metrics=split_metrics(split, objective(result), result) | fidelity,
-                                dicts={f"per_item/{split}.json": result.record()})
+                    tracker.log(
+                        run,
+                        metrics=split_metrics(split, objective(result), result) | fidelity,
+                        dicts={f"per_item/{split}.json": result.record()},
+                    )
                     results[alias][split] = result
                     shown.update(f"parent {alias} on {split}: {objective(result):.4f}", parent=alias)
                 status = "FINISHED"
@@ -98,7 +116,17 @@ def rows(study: optuna.Study) -> list[dict]:
     for alias, run in attrs.get(RUNS, {}).items():
         search = attrs.get(_key(alias, "search"))
         if search is not None:
-            rows.append({"trial": alias, "state": "BASELINE", "value": search["values"][0], "method": "",
-                         "fidelity": search["limit"], "merge_s": run["merge_s"],
-                         "eval_s": search["result"]["seconds"], "seed": None, "note": ""})
+            rows.append(
+                {
+                    "trial": alias,
+                    "state": "BASELINE",
+                    "value": search["values"][0],
+                    "method": "",
+                    "fidelity": search["limit"],
+                    "merge_s": run["merge_s"],
+                    "eval_s": search["result"]["seconds"],
+                    "seed": None,
+                    "note": "",
+                }
+            )
     return rows

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from search import output
-from zoo import cli as zoo_cli
 from user_input import UserError, one_line
+from zoo import cli as zoo_cli
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,9 +39,12 @@ def _eval_specs(args: argparse.Namespace) -> list:
         if task not in names:
             raise UserError(f"--data {item!r}: task {task!r} is not in --tasks {args.tasks}")
         data.setdefault(task, {})[split] = path
-    options = {"num_fewshot": args.num_fewshot, "chat_template": args.chat_template,
-               "system_instruction": args.system_instruction,
-               "gen_kwargs": simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else None}
+    options = {
+        "num_fewshot": args.num_fewshot,
+        "chat_template": args.chat_template,
+        "system_instruction": args.system_instruction,
+        "gen_kwargs": simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else None,
+    }
     try:
         return [TaskSpec(task=name, data_files=data.get(name), **options) for name in names]
     except ValidationError as problem:
@@ -79,8 +82,11 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluator.score(args.split, limit=args.limit)
     print(result.table())
     if args.json:
-        record = {"model": str(model_dir.resolve()), **result.record(),
-                  "splits": {name: s.record() for name, s in evaluator.splits.items()}}
+        record = {
+            "model": str(model_dir.resolve()),
+            **result.record(),
+            "splits": {name: s.record() for name, s in evaluator.splits.items()},
+        }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return EXIT_OK if result.ok else EXIT_FAILURE
 
@@ -113,12 +119,18 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser("eval", help=summary, description=summary)
     sub.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder")
     sub.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (bundled: tiny_*)")
-    sub.add_argument("--split", choices=["search", "select", "test"], default="test",
-                     help="which item split to score (default test)")
+    sub.add_argument(
+        "--split", choices=["search", "select", "test"], default="test", help="which item split to score (default test)"
+    )
     sub.add_argument("--limit", type=_positive_int, help="score only the split's first N items")
     sub.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    sub.add_argument("--data", action="append", default=[], metavar="TASK:SPLIT=FILE",
-                     help="local copy of a task's dataset split (.parquet/.jsonl, the hub's schema); repeatable")
+    sub.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK:SPLIT=FILE",
+        help="local copy of a task's dataset split (.parquet/.jsonl, the hub's schema); repeatable",
+    )
     sub.add_argument("--num-fewshot", type=int, help="few-shot examples for every task (default: each task's own)")
     sub.add_argument("--gen-kwargs", help="generation options for every generative task, e.g. max_gen_toks=256")
     sub.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template")
@@ -146,9 +158,13 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
     sub.set_defaults(func=_merge)
 
 
-def _subcommand(commands: argparse._SubParsersAction, name: str, summary: str,
-                func: Callable[[argparse.Namespace], int], file: str = "an experiment YAML (see experiments/)",
-                ) -> argparse.ArgumentParser:
+def _subcommand(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    func: Callable[[argparse.Namespace], int],
+    file: str = "an experiment YAML (see experiments/)",
+) -> argparse.ArgumentParser:
     """A subcommand whose --help shows ``summary``; most take an experiment FILE first."""
     sub = commands.add_parser(name, help=summary, description=summary)
     if file:
@@ -202,8 +218,8 @@ def _status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from search.leaderboard import summary
-    from search.study import Settings, open_study
     from search.storage import interrupted
+    from search.study import Settings, open_study
 
     experiment = _experiment(args.file)
     study = open_study(experiment, Settings.of(experiment, storage=args.storage), create=False)
@@ -219,11 +235,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _add_study_commands(commands: argparse._SubParsersAction) -> None:
-    sub = _subcommand(commands, "validate", "check an experiment without running it; print the search space",
-                      _validate)
+    sub = _subcommand(commands, "validate", "check an experiment without running it; print the search space", _validate)
     sub.add_argument("--load", action="store_true", help="also open the models and plan configs against their weights")
-    for name, summary in (("run", "run or resume the study that FILE describes"),
-                          ("worker", "join an existing study from another process or machine")):
+    for name, summary in (
+        ("run", "run or resume the study that FILE describes"),
+        ("worker", "join an existing study from another process or machine"),
+    ):
         sub = _subcommand(commands, name, summary, _run)
         sub.add_argument("--trials", type=_positive_int, help="finished trials the study should reach")
         sub.add_argument("--timeout", type=_positive_float, help="stop starting trials after this many seconds")
@@ -244,15 +261,18 @@ def _export(args: argparse.Namespace) -> int:
         experiment = experiment.model_copy(update={"study": experiment.study.model_copy(update={"name": args.study})})
     settings = Settings.of(experiment, storage=args.storage, tracking_uri=args.tracking_uri, device=args.device)
     record = export(experiment, settings, Path(args.out))
-    print(f"exported trial {record['trial']} to {args.out}: select {record['select_objective']:.4f}, "
-          f"test {record['test_objective']:.4f} (finalists {record['finalists']})")
+    print(
+        f"exported trial {record['trial']} to {args.out}: select {record['select_objective']:.4f}, "
+        f"test {record['test_objective']:.4f} (finalists {record['finalists']})"
+    )
     print("\n".join(record["verdict"]["lines"]))
     return EXIT_OK
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    sub = _subcommand(commands, "export", "export the best config YAML, exact weights, model card and test scores",
-                      _export)
+    sub = _subcommand(
+        commands, "export", "export the best config YAML, exact weights, model card and test scores", _export
+    )
     sub.add_argument("--out", required=True, help="an empty or new folder for the HF model, YAML and card")
     sub.add_argument("--study", help="study name (default: the experiment's)")
     sub.add_argument("--storage", help="Optuna storage URL or journal file (default: the experiment's)")
@@ -272,8 +292,6 @@ def _add_dashboard(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("file", metavar="FILE", nargs="?", help="an experiment YAML, for its tracking_uri")
     sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     sub.add_argument("--port", type=_port, default=5000, help="default 5000")
-
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -300,10 +318,23 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
             _add_verbosity(command)
     if not branches:
         shown = parser.add_mutually_exclusive_group()
-        shown.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=output.QUIET,
-                           default=output.NORMAL, help="results and errors only, no progress")
-        shown.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=output.VERBOSE,
-                           help="also the libraries' own logs, warnings and progress bars")
+        shown.add_argument(
+            "-q",
+            "--quiet",
+            dest="verbosity",
+            action="store_const",
+            const=output.QUIET,
+            default=output.NORMAL,
+            help="results and errors only, no progress",
+        )
+        shown.add_argument(
+            "-v",
+            "--verbose",
+            dest="verbosity",
+            action="store_const",
+            const=output.VERBOSE,
+            help="also the libraries' own logs, warnings and progress bars",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,8 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with tempfile.NamedTemporaryFile("w", prefix="soupsearch-", suffix=".log", delete=False) as log:
             traceback.print_exc(file=log)
-        print(f"soupsearch: internal error: {type(problem).__name__}: {' '.join(str(problem).split())[:500]}"
-              f" (full traceback in {log.name})", file=sys.stderr)
+        print(
+            f"soupsearch: internal error: {type(problem).__name__}: {' '.join(str(problem).split())[:500]}"
+            f" (full traceback in {log.name})",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 

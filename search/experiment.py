@@ -87,8 +87,13 @@ class TaskVectorSpace(_Strict):
     density: Searched | None = None
     lambda_: Searched | None = Field(default=None, alias="lambda")
     normalize: bool | None = None  # None keeps mergekit's per-method default
-    anchors: int = Field(default=1, ge=1, le=16, description="searched weight/density values per parent across "
-                         "the layers (a mergekit gradient): per layer group; 1 is one value per parent")
+    anchors: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="searched weight/density values per parent across "
+        "the layers (a mergekit gradient): per layer group; 1 is one value per parent",
+    )
 
     @model_validator(mode="after")
     def _density_in_range(self) -> TaskVectorSpace:
@@ -144,8 +149,9 @@ class Study(_Strict):
 class Evaluation(_Strict):
     tasks: list[str | TaskSpec] = Field(min_length=1)
     objective: dict[str, float] | None = None  # task -> weight; default equal weights
-    fidelity: list[int] = Field(default=[64], min_length=1,
-                                description="search items scored at each rung: nested prefixes")
+    fidelity: list[int] = Field(
+        default=[64], min_length=1, description="search items scored at each rung: nested prefixes"
+    )
     select_limit: int | None = Field(default=None, ge=1)
     test_limit: int | None = Field(default=None, ge=1)
     split_seed: int = 0
@@ -158,10 +164,6 @@ class Evaluation(_Strict):
     @property
     def objective_function(self) -> Objective:
         return Objective(weights=self.objective or {name: 1.0 for name in self.task_names})
-
-    @property
-    def weights(self) -> Objective:  # TEMPALIAS
-        return self.objective_function
 
     @model_validator(mode="after")
     def _consistent(self) -> Evaluation:
@@ -219,8 +221,10 @@ class Experiment(_Strict):
         if self.study.sampler == "nsga2" and self.study.pruner != "none":
             raise ValueError("study.pruner: multi-objective (nsga2) studies cannot be pruned")
         if self.study.sampler == "grid" and self.space is not None and len(self.space.methods) > 1:
-            raise ValueError("study.sampler: grid needs a single method in space (conditional parameters "
-                             f"cannot be gridded), got {self.space.methods}")
+            raise ValueError(
+                "study.sampler: grid needs a single method in space (conditional parameters "
+                f"cannot be gridded), got {self.space.methods}"
+            )
         return self
 
 
@@ -250,8 +254,9 @@ def resolve_model(reference: str, load: bool = True) -> Path | str:
         if variant not in RECIPES:
             raise ExperimentError(f"model {reference}: unknown zoo {variant!r} (zoos: {', '.join(RECIPES)})")
         if model not in RECIPES[variant].models:
-            raise ExperimentError(f"model {reference}: zoo {variant!r} has no {model!r} "
-                                  f"(it has {', '.join(RECIPES[variant].models)})")
+            raise ExperimentError(
+                f"model {reference}: zoo {variant!r} has no {model!r} (it has {', '.join(RECIPES[variant].models)})"
+            )
         if not load:
             return reference
         from zoo.build import open_zoo
@@ -270,5 +275,7 @@ def resolve_model(reference: str, load: bool = True) -> Path | str:
     try:
         return Path(snapshot_download(reference, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError):
-        raise ExperimentError(f"model {reference}: not in the local Hugging Face cache "
-                              f"(download it first, e.g. `hf download {reference}`)") from None
+        raise ExperimentError(
+            f"model {reference}: not in the local Hugging Face cache "
+            f"(download it first, e.g. `hf download {reference}`)"
+        ) from None

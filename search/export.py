@@ -37,22 +37,34 @@ def finalists(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
 
 
 def _scores(result: EvalResult) -> dict:
-    return {task: {"metric": s.metric, "n": len(s.per_item), "mean": s.mean, "ci_low": s.ci_low,
-                   "ci_high": s.ci_high} for task, s in result.items()}
+    return {
+        task: {"metric": s.metric, "n": len(s.per_item), "mean": s.mean, "ci_low": s.ci_low, "ci_high": s.ci_high}
+        for task, s in result.items()
+    }
 
 
-def model_card(experiment: Experiment, trial: optuna.trial.FrozenTrial, method: str, config_yaml: str,
-               select: EvalResult, test: EvalResult, verdict: Verdict) -> str:
-    rows = [f"| {split} | {s.task} | {s.metric} | {len(s.per_item)} | {100 * s.mean:.1f} "
-            f"| [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}] |"
-            for split, result in (("select", select), ("test", test)) for s in result.values()]
+def model_card(
+    experiment: Experiment,
+    trial: optuna.trial.FrozenTrial,
+    method: str,
+    config_yaml: str,
+    select: EvalResult,
+    test: EvalResult,
+    verdict: Verdict,
+) -> str:
+    rows = [
+        f"| {split} | {s.task} | {s.metric} | {len(s.per_item)} | {100 * s.mean:.1f} "
+        f"| [{100 * s.ci_low:.1f}, {100 * s.ci_high:.1f}] |"
+        for split, result in (("select", select), ("test", test))
+        for s in result.values()
+    ]
     parents = "\n".join(f"- {alias}: `{ref}`" for alias, ref in experiment.models.items())
     return f"""# {experiment.name}: trial {trial.number}
 
 Found by soupsearch (study `{experiment.study_name}`), chosen among the
 best search trials on the **select** split; the **test** split was scored once, after the choice.
 
-Method: `{method}`, merge seed {trial.user_attrs['seed']}. Parents:
+Method: `{method}`, merge seed {trial.user_attrs["seed"]}. Parents:
 {parents}
 
 | split | task | metric | n | score (%) | 95% CI |
@@ -76,20 +88,59 @@ Select also chose this merge among the finalists, so the test difference is the 
 
 
 def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
+    """Choose the winner on select among the finalists, verify its rebuilt weights against its search
+    score, write the merge folder with its card and scores, and log them on the parent run."""
     check_out_dir(out)
     study = open_study(experiment, settings, create=False)
     candidates = finalists(study, experiment.study.select_top)
     if not candidates:
         raise ExperimentError(f"study {experiment.study_name!r} has no complete trial to export; run it first")
-    output.say(f"export: {len(candidates)} finalist(s) by search score (trial {', '.join(str(t.number) for t in candidates)})"
-               "; each is rebuilt and scored on select, and the best one checked, scored on test and written")
+    output.say(
+        f"export: {len(candidates)} finalist(s) by search score (trial {', '.join(str(t.number) for t in candidates)})"
+        "; each is rebuilt and scored on select, and the best one checked, scored on test and written"
+    )
     bench = Workbench(experiment, settings.device)
     tracker = Tracker(settings.tracking_uri, experiment.name)
     parent_run = study.user_attrs["mlflow_parent_run_id"]
     parents = baselines.score(study, experiment, bench, tracker, parent_run)  # kept by `run`: read, not scored
     objective = experiment.evaluation.objective_function
-    chosen, best = None, None
     shown = output.Progress("export", len(candidates) + 3, "step")
+    chosen, select = choose(experiment, bench, candidates, shown)
+    config = to_config(experiment, chosen.params, bench.refs)
+    plan = bench.engine.plan(config)
+    reproduced = verify(experiment, study, bench, chosen, plan, shown)
+    test = bench.score("test")
+    if not test.ok:
+        raise RuntimeError(f"trial {chosen.number} failed on the test split: {test.error}")
+    shown.update(f"trial {chosen.number} on test: {objective(test):.4f}")
+    verdict = compare(f"trial {chosen.number}", {"select": select, "test": test}, parents, objective, settings.seed)
+    text = yaml.safe_dump(config, sort_keys=False)
+    card = model_card(experiment, chosen, config["merge_method"], text, select, test, verdict)
+    record = {
+        "trial": chosen.number,
+        "seed": chosen.user_attrs["seed"],
+        "objective": objective.name,
+        "search_objective_reproduced": reproduced,
+        "select": _scores(select),
+        "test": _scores(test),
+        "select_objective": objective(select),
+        "test_objective": objective(test),
+        "finalists": [t.number for t in candidates],
+        "verdict": verdict.record(),
+    }
+    write(out, bench, plan, config, card, record)
+    shown.update(f"wrote {out}: weights, mergekit_config.yml, README.md, scores.json")
+    shown.close()
+    log(tracker, parent_run, chosen, text, card, record, {"select": select, "test": test}, verdict)
+    return record
+
+
+def choose(
+    experiment: Experiment, bench: Workbench, candidates: list[optuna.trial.FrozenTrial], shown: output.Progress
+) -> tuple[optuna.trial.FrozenTrial, EvalResult]:
+    """The finalist with the best select objective (the first on ties), and its select scores."""
+    objective = experiment.evaluation.objective_function
+    chosen, best = None, None
     for trial in candidates:
         bench.build(to_config(experiment, trial.params, bench.refs), trial.user_attrs["seed"])
         select = bench.score("select")
@@ -98,13 +149,23 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
             chosen, best = trial, select
     if chosen is None:
         raise RuntimeError(f"every finalist failed on the select split: {select.error}")
-    config = to_config(experiment, chosen.params, bench.refs)
-    text = yaml.safe_dump(config, sort_keys=False)
-    plan = bench.engine.plan(config)
+    return chosen, best
+
+
+def verify(
+    experiment: Experiment,
+    study: optuna.Study,
+    bench: Workbench,
+    chosen: optuna.trial.FrozenTrial,
+    plan,
+    shown: output.Progress,
+) -> float | list[float]:
+    """Rebuild the chosen trial into the candidate and check that it reproduces the trial's own
+    search score, item for item; the candidate then holds the weights that ``write`` saves."""
+    objective = experiment.evaluation.objective_function
     bench.build(plan, chosen.user_attrs["seed"])
-    # the weights about to be written must reproduce the trial's own search score, item for item,
-    # scored rung by rung and in batches of the size the trial used, as other batches could flip
-    # a borderline item in low precision
+    # scored rung by rung and in batches of the size the trial used, as other batches could flip a
+    # borderline item in low precision
     if "batch_size" in chosen.user_attrs:
         bench.evaluator.use_batch_size(chosen.user_attrs["batch_size"])
     rungs = [r for r in experiment.evaluation.fidelity if r <= chosen.user_attrs["fidelity"]]
@@ -113,32 +174,46 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
         raise RuntimeError(f"trial {chosen.number} failed on the search split: {search.error}")
     reproduced = objective.means(search) if len(study.directions) > 1 else objective(search)
     if reproduced != (chosen.values if len(study.directions) > 1 else chosen.value):
-        raise RuntimeError(f"trial {chosen.number}: the rebuilt merge scores {reproduced} on search, "
-                           f"not the {chosen.values} it scored in the study")
-    shown.update(f"trial {chosen.number} rebuilt: its search score on {chosen.user_attrs['fidelity']} items "
-                 "reproduced, item for item")
-    test = bench.score("test")
-    if not test.ok:
-        raise RuntimeError(f"trial {chosen.number} failed on the test split: {test.error}")
-    shown.update(f"trial {chosen.number} on test: {objective(test):.4f}")
-    verdict = compare(f"trial {chosen.number}", {"select": best, "test": test}, parents, objective, settings.seed)
+        raise RuntimeError(
+            f"trial {chosen.number}: the rebuilt merge scores {reproduced} on search, "
+            f"not the {chosen.values} it scored in the study"
+        )
+    shown.update(
+        f"trial {chosen.number} rebuilt: its search score on {chosen.user_attrs['fidelity']} items "
+        "reproduced, item for item"
+    )
+    return reproduced
+
+
+def write(out: Path, bench: Workbench, plan, config: dict, card: str, record: dict) -> None:
+    """The merge folder as mergekit-yaml writes it, with the model card and scores.json, whole or not at all."""
+    text = yaml.safe_dump(config, sort_keys=False)
     with atomic_folder(out) as staging:
         write_folder(bench.engine, plan, load_config(config), text, staging, name=out.name)
-        card = model_card(experiment, chosen, config["merge_method"], text, best, test, verdict)
         (staging / "README.md").write_text(card)
-        record = {"trial": chosen.number, "seed": chosen.user_attrs["seed"], "objective": objective.name,
-                  "search_objective_reproduced": reproduced,
-                  "select": _scores(best), "test": _scores(test),
-                  "select_objective": objective(best), "test_objective": objective(test),
-                  "finalists": [t.number for t in candidates], "verdict": verdict.record()}
         (staging / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
-    shown.update(f"wrote {out}: weights, mergekit_config.yml, README.md, scores.json")
-    shown.close()
-    tracker.log(parent_run, metrics={"export/select_objective": record["select_objective"],
-                                 "export/test_objective": record["test_objective"]},
-                texts={"export/README.md": card, "export/mergekit_config.yml": text},
-                dicts={"export/scores.json": record, "export/per_item/select.json": best.record(),
-                       "export/per_item/test.json": test.record()})
+
+
+def log(
+    tracker: Tracker,
+    parent_run: str,
+    chosen: optuna.trial.FrozenTrial,
+    text: str,
+    card: str,
+    record: dict,
+    per_item: dict[str, EvalResult],
+    verdict: Verdict,
+) -> None:
+    """The export on the study's parent MLflow run: objectives, card, config, scores, per-item results, verdict."""
+    tracker.log(
+        parent_run,
+        metrics={
+            "export/select_objective": record["select_objective"],
+            "export/test_objective": record["test_objective"],
+        },
+        texts={"export/README.md": card, "export/mergekit_config.yml": text},
+        dicts={"export/scores.json": record}
+        | {f"export/per_item/{split}.json": result.record() for split, result in per_item.items()},
+    )
     tracker.tag(parent_run, "soupsearch.exported_trial", str(chosen.number))
     verdict.log(tracker, parent_run)
-    return record

@@ -45,10 +45,20 @@ def leaderboard(study: optuna.Study) -> list[dict]:
     """Every finished and failed trial and every parent scored as a baseline, in ranking order."""
     trials = study.get_trials(deepcopy=False, states=SHOWN)
     retried = {t.user_attrs["retry_of"]: t for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
-    rows = [{"trial": trial.number, "state": trial.state.name, "value": trial_value(trial),
-             "method": trial.params.get("method", ""), "fidelity": trial.user_attrs.get("fidelity"),
-             "merge_s": trial.user_attrs.get("merge_s"), "eval_s": trial.user_attrs.get("eval_s"),
-             "seed": trial.user_attrs.get("seed"), "note": _note(trial, retried)} for trial in trials]
+    rows = [
+        {
+            "trial": trial.number,
+            "state": trial.state.name,
+            "value": trial_value(trial),
+            "method": trial.params.get("method", ""),
+            "fidelity": trial.user_attrs.get("fidelity"),
+            "merge_s": trial.user_attrs.get("merge_s"),
+            "eval_s": trial.user_attrs.get("eval_s"),
+            "seed": trial.user_attrs.get("seed"),
+            "note": _note(trial, retried),
+        }
+        for trial in trials
+    ]
     return sorted(rows + baselines.rows(study), key=_rank)
 
 
@@ -64,16 +74,22 @@ def summary(study: optuna.Study, top: int = 10) -> str:
         else:
             hidden[row["state"].lower()] += 1
     width = max([5] + [len(str(row["trial"])) for row in rows])  # a baseline's trial column is its alias
-    lines = [f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
-             f"{'trial':>{width}}  {'state':<8} {'value':>8} {'items':>5}  {'merge s':>7}  {'eval s':>7}  "
-             f"{'seed':>10}  note"]
+    lines = [
+        f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
+        f"{'trial':>{width}}  {'state':<8} {'value':>8} {'items':>5}  {'merge s':>7}  {'eval s':>7}  "
+        f"{'seed':>10}  note",
+    ]
     for row in rows:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         items = "" if row["fidelity"] is None else row["fidelity"]
         timing = [f"{row[k]:7.2f}" if row[k] is not None else f"{'':>7}" for k in ("merge_s", "eval_s")]
-        lines.append(f"{row['trial']:>{width}}  {row['state']:<8} {value:>8} {items:>5}  {timing[0]}  {timing[1]}  "
-                     f"{row['seed'] if row['seed'] is not None else '':>10}  {str(row['note'])[:60]}")
+        lines.append(
+            f"{row['trial']:>{width}}  {row['state']:<8} {value:>8} {items:>5}  {timing[0]}  {timing[1]}  "
+            f"{row['seed'] if row['seed'] is not None else '':>10}  {str(row['note'])[:60]}"
+        )
     if hidden:
-        lines.append(f"... {', '.join(f'{n} more {kind}' for kind, n in hidden.items())} not shown "
-                     "(every row: the parent run's leaderboard.json in MLflow)")
+        lines.append(
+            f"... {', '.join(f'{n} more {kind}' for kind, n in hidden.items())} not shown "
+            "(every row: the parent run's leaderboard.json in MLflow)"
+        )
     return "\n".join(lines)

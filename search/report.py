@@ -19,13 +19,16 @@ def record_study(study: optuna.Study, tracker: Tracker, parent: str) -> None:
     rows = leaderboard(study)
     # rewritten as a whole: MLflow's log_table appends, so every resume would add the rows again
     columns = list(rows[0]) if rows else []
-    tracker.log(parent, dicts={"leaderboard.json": {"columns": columns, "data": [[r[k] for k in columns] for r in rows]}})
+    tracker.log(
+        parent, dicts={"leaderboard.json": {"columns": columns, "data": [[r[k] for k in columns] for r in rows]}}
+    )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete and len(study.directions) == 1:
         best = study.best_trial
         config = tracker.client.download_artifacts(best.user_attrs["mlflow_run_id"], "config.yaml")
-        tracker.log(parent, metrics={"best/search_objective": best.value},
-                    texts={"best_config.yaml": Path(config).read_text()})
+        tracker.log(
+            parent, metrics={"best/search_objective": best.value}, texts={"best_config.yaml": Path(config).read_text()}
+        )
         tracker.tag(parent, "soupsearch.best_trial", str(best.number))
         _log_plots(tracker, parent, study, importances=len(complete) > 1 and len(best.params) > 1)
     tracker.end(parent)

@@ -27,8 +27,12 @@ if TYPE_CHECKING:  # search.study imports this module (through search.baselines)
 
 def soup_config(experiment: Experiment, refs: dict[str, str], members: list[str]) -> dict:
     """A uniform soup: mergekit's linear merge with equal weights."""
-    return {"merge_method": "linear", "dtype": experiment.dtype, "parameters": {"normalize": True},
-            "models": [{"model": refs[m], "parameters": {"weight": 1.0}} for m in members]}
+    return {
+        "merge_method": "linear",
+        "dtype": experiment.dtype,
+        "parameters": {"normalize": True},
+        "models": [{"model": refs[m], "parameters": {"weight": 1.0}} for m in members],
+    }
 
 
 def _items(result: EvalResult) -> list[float]:
@@ -73,9 +77,12 @@ class Souper:
         else:
             run = self.tracker.trial_run(self.parent, self.experiment.study_name, self.step, name=label)
             self.step += 1
-        self.tracker.log(run, params={"soup": label, "members": ",".join(members), "split": split},
-                         metrics=split_metrics(split, self.objective(result), result),
-                         dicts={"per_item.json": result.record()})
+        self.tracker.log(
+            run,
+            params={"soup": label, "members": ",".join(members), "split": split},
+            metrics=split_metrics(split, self.objective(result), result),
+            dicts={"per_item.json": result.record()},
+        )
         self.tracker.end(run)
         self.shown.update(f"{label}: {split} {self.objective(result):.4f}")
         return result
@@ -92,25 +99,39 @@ class Souper:
             tried = self.score([*members, name], "select", f"greedy +{name}")
             if self.objective(tried) <= self.objective(current):
                 continue
-            if soup.noise_aware and paired_bootstrap(_items(tried), _items(current),
-                                                     seed=self.settings.seed).p_value >= soup.alpha:
+            if (
+                soup.noise_aware
+                and paired_bootstrap(_items(tried), _items(current), seed=self.settings.seed).p_value >= soup.alpha
+            ):
                 continue
             members, current = [*members, name], tried
             output.say(f"greedy soup keeps {name}: {len(members)} ingredients, select {self.objective(current):.4f}")
-        soups = [SoupResult("greedy soup", members, current),
-                 SoupResult("uniform soup", list(soup.ingredients),
-                            self.score(list(soup.ingredients), "select", "uniform"))]
+        soups = [
+            SoupResult("greedy soup", members, current),
+            SoupResult("uniform soup", list(soup.ingredients), self.score(list(soup.ingredients), "select", "uniform")),
+        ]
         for result in soups:
             result.test = self.score(result.members, "test", f"{result.name} (test)")
-        tests = {name: self.score([name], "test", f"ingredient {name} (test)", baseline=True)
-                 for name in soup.ingredients}
+        tests = {
+            name: self.score([name], "test", f"ingredient {name} (test)", baseline=True) for name in soup.ingredients
+        }
         results = [*soups, SoupResult("best single", [best_single], alone[best_single], tests[best_single])]
-        self.verdict = compare("greedy soup", {"select": current, "test": soups[0].test},
-                               {name: {"select": alone[name], "test": tests[name]} for name in soup.ingredients},
-                               self.objective, self.settings.seed)
-        self.tracker.log(self.parent, params={"greedy_members": ",".join(members)},
-                         metrics={f"{r.name.replace(' ', '_')}/{split}_objective": self.objective(getattr(r, split))
-                                  for r in results for split in ("select", "test")})
+        self.verdict = compare(
+            "greedy soup",
+            {"select": current, "test": soups[0].test},
+            {name: {"select": alone[name], "test": tests[name]} for name in soup.ingredients},
+            self.objective,
+            self.settings.seed,
+        )
+        self.tracker.log(
+            self.parent,
+            params={"greedy_members": ",".join(members)},
+            metrics={
+                f"{r.name.replace(' ', '_')}/{split}_objective": self.objective(getattr(r, split))
+                for r in results
+                for split in ("select", "test")
+            },
+        )
         self.verdict.log(self.tracker, self.parent)
         self.tracker.end(self.parent)
         self.shown.close()
@@ -122,6 +143,8 @@ def table(results: list[SoupResult], experiment: Experiment) -> str:
     lines = [f"{'model':<14} {'select':>7} {'test':>7}  {'test 95% CI (first task)':<26} members"]
     for r in results:
         first = r.test[next(iter(r.test))]
-        lines.append(f"{r.name:<14} {100 * objective(r.select):>6.1f}% {100 * objective(r.test):>6.1f}%  "
-                     f"[{100 * first.ci_low:5.1f}, {100 * first.ci_high:5.1f}]{'':<12} {', '.join(r.members)}")
+        lines.append(
+            f"{r.name:<14} {100 * objective(r.select):>6.1f}% {100 * objective(r.test):>6.1f}%  "
+            f"[{100 * first.ci_low:5.1f}, {100 * first.ci_high:5.1f}]{'':<12} {', '.join(r.members)}"
+        )
     return "\n".join(lines)

@@ -71,8 +71,7 @@ def grid(experiment: Experiment) -> dict[str, list[object]]:
     """GridSampler's space: ``study.grid_points`` evenly spaced values per float (one method: the
     experiment's schema refuses a grid over several)."""
     points = experiment.study.grid_points
-    return {name: [float(v) for v in np.linspace(d.low, d.high, points)]
-            for name, d in full_space(experiment).items()}
+    return {name: [float(v) for v in np.linspace(d.low, d.high, points)] for name, d in full_space(experiment).items()}
 
 
 def expand_warm_start(experiment: Experiment, start: Mapping[str, object], where: str) -> dict[str, object]:
@@ -87,8 +86,9 @@ def expand_warm_start(experiment: Experiment, start: Mapping[str, object], where
                     raise ExperimentError(f"{where}.method: {item!r} is not the space's method")
                 continue
             if name not in space:
-                raise ExperimentError(f"{where}.{name}: not a parameter of the search space "
-                                      f"(parameters: {', '.join(space)})")
+                raise ExperimentError(
+                    f"{where}.{name}: not a parameter of the search space (parameters: {', '.join(space)})"
+                )
             if not space[name]._contains(space[name].to_internal_repr(item)):
                 raise ExperimentError(f"{where}.{name}: {item!r} is outside {space[name]}")
             params[name] = item
@@ -117,14 +117,25 @@ def to_config(experiment: Experiment, params: Params, refs: Mapping[str, str]) -
     config: dict = {"merge_method": method, "dtype": experiment.dtype}
     if method == "slerp":
         other = next(alias for alias in experiment.models if alias != experiment.base_model)
-        gradients = [{"filter": name, "value": [params[f"slerp/t/{name}/{i}"] for i in range(section.anchors)]}
-                     for name in section.filters if name != "rest"]
+        gradients = [
+            {"filter": name, "value": [params[f"slerp/t/{name}/{i}"] for i in range(section.anchors)]}
+            for name in section.filters
+            if name != "rest"
+        ]
         gradients.append({"value": [params[f"slerp/t/rest/{i}"] for i in range(section.anchors)]})
-        config |= {"base_model": base, "models": [{"model": base}, {"model": refs[other]}],
-                   "parameters": {"t": gradients}}
+        config |= {
+            "base_model": base,
+            "models": [{"model": base}, {"model": refs[other]}],
+            "parameters": {"t": gradients},
+        }
     elif method == "linear":
-        config["models"] = [{"model": refs[alias], "parameters": {
-            "weight": _resolved(section, "weight", f"linear/weight/{alias}", params)}} for alias in experiment.models]
+        config["models"] = [
+            {
+                "model": refs[alias],
+                "parameters": {"weight": _resolved(section, "weight", f"linear/weight/{alias}", params)},
+            }
+            for alias in experiment.models
+        ]
         config["parameters"] = {"normalize": section.normalize}
     else:
         assert method in TASK_VECTOR_METHODS
@@ -132,8 +143,9 @@ def to_config(experiment: Experiment, params: Params, refs: Mapping[str, str]) -
         for alias in _task_vector_models(experiment):
             per_model = {"weight": _resolved(section, "weight", f"{method}/weight/{alias}", params, section.anchors)}
             if section.density is not None:
-                per_model["density"] = _resolved(section, "density", f"{method}/density/{alias}", params,
-                                              section.anchors)
+                per_model["density"] = _resolved(
+                    section, "density", f"{method}/density/{alias}", params, section.anchors
+                )
             models.append({"model": refs[alias], "parameters": per_model})
         config |= {"base_model": base, "models": models, "parameters": {}}
         if section.lambda_ is not None:

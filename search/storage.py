@@ -5,7 +5,8 @@ whose process died.
 A trial names its owner (host:pid) as it starts. On one host a dead owner is seen by its PID; across
 hosts, an RDB storage's heartbeats fail a trial that stopped beating, and Optuna hands it to
 ``RetryStale``. Either way ``retry`` enqueues it again with its parameters and seed. Optuna's own
-``RetryFailedTrialCallback`` is not used: it keeps neither the trial's seed nor its MLflow run's end.
+``RetryFailedTrialCallback`` is not used: it copies every user attr of the dead trial (its owner and
+its MLflow run among them) into the re-run, and leaves that MLflow run open.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
             beat = heartbeat_seconds()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats and retries are used on purpose
-                return RDBStorage(spec, heartbeat_interval=beat, grace_period=2 * beat,
-                                  heartbeat_stale_trial_callback=RetryStale())
+                return RDBStorage(
+                    spec, heartbeat_interval=beat, grace_period=2 * beat, heartbeat_stale_trial_callback=RetryStale()
+                )
         path = Path(spec) if spec else DEFAULT_JOURNAL
         if not create and not path.is_file():
             raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
@@ -153,5 +155,6 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, tracker: Tracker
     if retries > MAX_RETRIES:
         return
     seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
-    study.enqueue_trial(trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason,
-                                                         "retries": retries})
+    study.enqueue_trial(
+        trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason, "retries": retries}
+    )

@@ -20,8 +20,16 @@ from search.experiment import Experiment
 from search.leaderboard import trial_value
 from search.report import RECORDED, record_study
 from search.space import expand_warm_start, grid, suggest, to_config
-from search.storage import (DEFAULT_JOURNAL, RetryStale, StorageError, interrupted, open_storage, owner,
-                            recover_interrupted, storage_error)
+from search.storage import (
+    DEFAULT_JOURNAL,
+    RetryStale,
+    StorageError,
+    interrupted,
+    open_storage,
+    owner,
+    recover_interrupted,
+    storage_error,
+)
 from search.tracking import STATE_TAG, Tracker, split_metrics
 from search.urls import masked
 
@@ -54,9 +62,14 @@ class Settings:
 
     @classmethod
     def of(cls, experiment: Experiment, **overrides) -> Settings:
-        defaults = {"trials": experiment.study.trials, "timeout": experiment.study.timeout,
-                    "storage": experiment.storage, "tracking_uri": experiment.tracking_uri,
-                    "device": experiment.device, "seed": experiment.seed}
+        defaults = {
+            "trials": experiment.study.trials,
+            "timeout": experiment.study.timeout,
+            "storage": experiment.storage,
+            "tracking_uri": experiment.tracking_uri,
+            "device": experiment.device,
+            "seed": experiment.seed,
+        }
         return cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
 
 
@@ -64,16 +77,22 @@ def _sampler(experiment: Experiment, seed: int) -> optuna.samplers.BaseSampler:
     name = experiment.study.sampler
     if name == "grid":
         return optuna.samplers.GridSampler(grid(experiment), seed=seed)
-    return {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
-            "random": optuna.samplers.RandomSampler, "nsga2": optuna.samplers.NSGAIISampler}[name](seed=seed)
+    return {
+        "tpe": optuna.samplers.TPESampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "random": optuna.samplers.RandomSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+    }[name](seed=seed)
 
 
 def _pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
     rungs = experiment.evaluation.fidelity
-    return {"none": optuna.pruners.NopPruner,
-            "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0]),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=rungs[-1]),
-            "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1)}[experiment.study.pruner]()
+    return {
+        "none": optuna.pruners.NopPruner,
+        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0]),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=rungs[-1]),
+        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1),
+    }[experiment.study.pruner]()
 
 
 def open_study(experiment: Experiment, settings: Settings, create: bool = True) -> optuna.Study:
@@ -83,13 +102,20 @@ def open_study(experiment: Experiment, settings: Settings, create: bool = True) 
     sampler, pruner = _sampler(experiment, settings.seed), _pruner(experiment)
     try:
         if not create:
-            return optuna.load_study(study_name=experiment.study_name, storage=storage, sampler=sampler,
-                                     pruner=pruner)
-        return optuna.create_study(study_name=experiment.study_name, storage=storage, load_if_exists=True,
-                                   sampler=sampler, pruner=pruner, directions=directions)
+            return optuna.load_study(study_name=experiment.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        return optuna.create_study(
+            study_name=experiment.study_name,
+            storage=storage,
+            load_if_exists=True,
+            sampler=sampler,
+            pruner=pruner,
+            directions=directions,
+        )
     except KeyError:
-        raise StorageError(f"storage {masked(str(settings.storage or DEFAULT_JOURNAL))}: no study "
-                           f"{experiment.study_name!r}; start it with `soupsearch run`") from None
+        raise StorageError(
+            f"storage {masked(str(settings.storage or DEFAULT_JOURNAL))}: no study "
+            f"{experiment.study_name!r}; start it with `soupsearch run`"
+        ) from None
     except Exception as problem:  # noqa: BLE001 -- a journal damaged past its last line is read only here
         raise storage_error(settings.storage, problem) from None
 
@@ -102,8 +128,7 @@ def enqueue_warm_starts(study: optuna.Study, experiment: Experiment) -> None:
 class TrialRunner:
     """One trial: suggest -> mergekit config -> in-place build -> scores at each fidelity rung."""
 
-    def __init__(self, experiment: Experiment, bench: Workbench, tracker: Tracker, parent_run: str,
-                 seed: int) -> None:
+    def __init__(self, experiment: Experiment, bench: Workbench, tracker: Tracker, parent_run: str, seed: int) -> None:
         self.experiment, self.bench, self.tracker = experiment, bench, tracker
         self.parent_run, self.seed = parent_run, seed
         self.multi = experiment.study.sampler == "nsga2"
@@ -163,7 +188,11 @@ class TrialRunner:
             trial.set_user_attr("fidelity", rung)
             trial.set_user_attr("objective", value)  # a pruned trial's score, where it stopped
             metrics = split_metrics("search", value, result) | {
-                "fidelity": rung, "merge_s": merge_s, "eval_s": eval_s, "total_s": time.perf_counter() - started}
+                "fidelity": rung,
+                "merge_s": merge_s,
+                "eval_s": eval_s,
+                "total_s": time.perf_counter() - started,
+            }
             self.tracker.log(run, metrics=metrics, step=rung)
             if trial.should_prune():
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
@@ -195,8 +224,12 @@ def _settled(experiment: Experiment, settings: Settings) -> optuna.Study | None:
     except StorageError:
         return None  # no study yet, or a storage that the full start reports on
     trials = study.get_trials(deepcopy=False)
-    if (sum(t.state in FINISHED for t in trials) < settings.trials or any(t.state == TrialState.RUNNING for t in trials)
-            or baselines.missing(study, experiment) or study.user_attrs.get(RECORDED) != len(trials)):
+    if (
+        sum(t.state in FINISHED for t in trials) < settings.trials
+        or any(t.state == TrialState.RUNNING for t in trials)
+        or baselines.missing(study, experiment)
+        or study.user_attrs.get(RECORDED) != len(trials)
+    ):
         return None
     return study
 
@@ -204,8 +237,10 @@ def _settled(experiment: Experiment, settings: Settings) -> optuna.Study | None:
 def _event(trial: optuna.trial.FrozenTrial) -> str:
     """A finished trial as one line: its score, on how many items, and where its time went."""
     attrs = trial.user_attrs
-    return (f"trial {trial.number} {trial.state.name} {trial_value(trial):.4f} on {attrs['fidelity']} items "
-            f"(merge {attrs['merge_s']:.2f} s, eval {attrs['eval_s']:.2f} s)")
+    return (
+        f"trial {trial.number} {trial.state.name} {trial_value(trial):.4f} on {attrs['fidelity']} items "
+        f"(merge {attrs['merge_s']:.2f} s, eval {attrs['eval_s']:.2f} s)"
+    )
 
 
 def run_study(experiment: Experiment, settings: Settings, join: bool = False) -> optuna.Study:
@@ -232,12 +267,20 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     else:
         parent = tracker.parent_run(study.study_name)
         study.set_user_attr("mlflow_parent_run_id", parent)
-        tracker.log(parent, params={"sampler": experiment.study.sampler, "pruner": experiment.study.pruner,
-                                    "methods": ",".join(experiment.space.methods), "seed": settings.seed,
-                                    "fidelity": experiment.evaluation.fidelity,
-                                    "objective": experiment.evaluation.objective_function.name},
-                    texts={"experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True),
-                                                             sort_keys=False)})
+        tracker.log(
+            parent,
+            params={
+                "sampler": experiment.study.sampler,
+                "pruner": experiment.study.pruner,
+                "methods": ",".join(experiment.space.methods),
+                "seed": settings.seed,
+                "fidelity": experiment.evaluation.fidelity,
+                "objective": experiment.evaluation.objective_function.name,
+            },
+            texts={
+                "experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True), sort_keys=False)
+            },
+        )
     recover_interrupted(study, tracker)
     if not join:
         baselines.score(study, experiment, bench, tracker, parent)
@@ -262,15 +305,24 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                     reason = trial.user_attrs.get("fail_reason", trial.system_attrs.get("fail_reason", ""))
                     output.say(f"trial {trial.number} FAIL: {reason}")
                 elif trial.state in FINISHED:
-                    best = (f"{study.best_value:.4f}" if len(study.directions) == 1
-                            and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else "")
+                    best = (
+                        f"{study.best_value:.4f}"
+                        if len(study.directions) == 1
+                        and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        else ""
+                    )
                     shown.update(_event(trial) + (f"; best {best}" if best else ""), best=best)
 
             objective = TrialRunner(experiment, bench, tracker, parent, settings.seed)
             # failed trials do not count; allow as many failures as trials before giving up
-            study.optimize(objective, n_trials=remaining + settings.trials, timeout=settings.timeout,
-                           catch=(TrialFailed,), gc_after_trial=False,
-                           callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress])
+            study.optimize(
+                objective,
+                n_trials=remaining + settings.trials,
+                timeout=settings.timeout,
+                catch=(TrialFailed,),
+                gc_after_trial=False,
+                callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress],
+            )
     # the last process to stop records the study: any other still running a trial records it after this one
     if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)

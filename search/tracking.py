@@ -28,10 +28,18 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"  # where MLflow's UI reads a shared 
 # of the runs table in MLflow's shared-view format: the default columns and the best first
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
-    VIEW_TAG: json.dumps({
-        "selectedColumns": ["metrics.`search/objective`", "metrics.`fidelity`", "params.`method`",
-                            f"tags.`{STATE_TAG}`"],
-        "orderByKey": "metrics.`search/objective`", "orderByAsc": False}),
+    VIEW_TAG: json.dumps(
+        {
+            "selectedColumns": [
+                "metrics.`search/objective`",
+                "metrics.`fidelity`",
+                "params.`method`",
+                f"tags.`{STATE_TAG}`",
+            ],
+            "orderByKey": "metrics.`search/objective`",
+            "orderByAsc": False,
+        }
+    ),
 }
 
 
@@ -66,8 +74,9 @@ class Tracker:
                 self.client.search_experiments(max_results=1)
         except Exception as problem:  # noqa: BLE001 -- any store failure is the URI's fault here
             said = masked(self.uri, " ".join(str(problem).split()))
-            raise TrackingError(f"tracking URI {masked(self.uri)}: {type(problem).__name__}: {said}"
-                                f"{driver_hint(problem)}") from None
+            raise TrackingError(
+                f"tracking URI {masked(self.uri)}: {type(problem).__name__}: {said}{driver_hint(problem)}"
+            ) from None
 
     @functools.cached_property
     def experiment_id(self) -> str:
@@ -86,36 +95,53 @@ class Tracker:
 
     def parent_run(self, study: str) -> str:
         """The study's one parent run: found by tag on resume, created otherwise."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
-                                       max_results=1, order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
         if runs:
             return runs[0].info.run_id
         return self.client.create_run(self.experiment_id, run_name=study, tags={STUDY_TAG: study}).info.run_id
 
     def trial_run(self, parent: str, study: str, number: int, name: str | None = None) -> str:
         """``name`` (default ``trial-NUMBER``) is what the runs table shows."""
-        return self._child(parent, name or f"trial-{number}",
-                           {"soupsearch.trial": str(number), "soupsearch.trial_of": study})
+        return self._child(
+            parent, name or f"trial-{number}", {"soupsearch.trial": str(number), "soupsearch.trial_of": study}
+        )
 
     def baseline_run(self, parent: str, study: str, alias: str) -> str:
         """A parent model scored as it is, beside the trials."""
-        return self._child(parent, f"baseline-{alias}", {BASELINE_TAG: alias, "soupsearch.baseline_of": study,
-                                                         STATE_TAG: "BASELINE"})
+        return self._child(
+            parent, f"baseline-{alias}", {BASELINE_TAG: alias, "soupsearch.baseline_of": study, STATE_TAG: "BASELINE"}
+        )
 
     def _child(self, parent: str, name: str, tags: dict[str, str]) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        return self.client.create_run(self.experiment_id, run_name=name,
-                                      tags={MLFLOW_PARENT_RUN_ID: parent, **tags}).info.run_id
+        return self.client.create_run(
+            self.experiment_id, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent, **tags}
+        ).info.run_id
 
-    def log(self, run: str, params: dict | None = None, metrics: dict | None = None,
-            texts: dict[str, str] | None = None, dicts: dict[str, dict] | None = None, step: int = 0) -> None:
+    def log(
+        self,
+        run: str,
+        params: dict | None = None,
+        metrics: dict | None = None,
+        texts: dict[str, str] | None = None,
+        dicts: dict[str, dict] | None = None,
+        step: int = 0,
+    ) -> None:
         """``step``: the x axis of the metrics' history in MLflow (a trial's: items scored per task)."""
         from mlflow.entities import Metric, Param
 
         now = _now_ms()
-        self.client.log_batch(run, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-                              params=[Param(k, str(v)) for k, v in (params or {}).items()])
+        self.client.log_batch(
+            run,
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        )
         for path, text in (texts or {}).items():
             self.client.log_text(run, text, path)
         for path, record in (dicts or {}).items():
@@ -201,24 +227,44 @@ def dashboard(uri: str | None, port: int, server_logs: bool = False) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise TrackingError(f"tracking URI {masked(uri)}: no store there yet; run a study first")
     ui = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]  # MLflow's default of four workers starts four times slower
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]  # MLflow's default of four workers starts four times slower
     if not server_logs:
         command += ["--uvicorn-opts", "--log-level warning"]
     # MLflow's job runner and its queues, seven processes, serve GenAI features that a search never uses
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = None if server_logs else tempfile.NamedTemporaryFile("w", prefix="soupsearch-mlflow-", suffix=".log",
-                                                               delete=False)
-    output.say(f"starting MLflow's UI on {ui} for {masked(uri)} (seconds; a minute on a busy machine)"
-               + (f"; its messages go to {log.name}" if log else ""))
+    log = (
+        None
+        if server_logs
+        else tempfile.NamedTemporaryFile("w", prefix="soupsearch-mlflow-", suffix=".log", delete=False)
+    )
+    output.say(
+        f"starting MLflow's UI on {ui} for {masked(uri)} (seconds; a minute on a busy machine)"
+        + (f"; its messages go to {log.name}" if log else "")
+    )
     started = time.monotonic()
     server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     try:
         while not _answers(f"{ui}/health"):
             if server.poll() is not None:
                 said = Path(log.name).read_text().strip().splitlines()[-5:] if log else ["(above)"]
-                print(f"soupsearch: MLflow's UI exited with code {server.returncode} before it answered; "
-                      f"it said: {' | '.join(said)}", file=sys.stderr)
+                print(
+                    f"soupsearch: MLflow's UI exited with code {server.returncode} before it answered; "
+                    f"it said: {' | '.join(said)}",
+                    file=sys.stderr,
+                )
                 return server.returncode or 1
             time.sleep(0.25)
         output.say(f"MLflow answered after {time.monotonic() - started:.0f} s; Ctrl-C stops it")
@@ -246,9 +292,11 @@ def _experiments(ui: str) -> list[tuple[str, str]]:
     """(name, id) of every experiment in the store that soupsearch made, through the UI's own API."""
     import urllib.request
 
-    request = urllib.request.Request(f"{ui}/api/2.0/mlflow/experiments/search",
-                                     data=json.dumps({"max_results": 1000}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{ui}/api/2.0/mlflow/experiments/search",
+        data=json.dumps({"max_results": 1000}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as answer:
         found = json.load(answer).get("experiments", [])
     return [(e["name"], e["experiment_id"]) for e in found if any(t["key"] == VIEW_TAG for t in e.get("tags", []))]

@@ -13,6 +13,7 @@ POSTGRES_HINT = "install the PostgreSQL driver with `pip install soupsearch[post
 
 def expand(value: str) -> str:
     """``value`` with each ``${VAR}`` replaced by that environment variable; ValueError naming an unset one."""
+
     def lookup(match: re.Match) -> str:
         if match[1] not in os.environ:
             raise ValueError(f"environment variable {match[1]} is not set")

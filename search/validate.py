@@ -18,8 +18,10 @@ def midpoint_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, 
     """One concrete mergekit config per method, each range at its midpoint."""
     space = full_space(experiment)
     middle = {name: (d.low + d.high) / 2 for name, d in space.items() if name != "method"}
-    return {f"{method} (midpoint)": to_config(experiment, middle | {"method": method}, refs)
-            for method in experiment.space.methods}
+    return {
+        f"{method} (midpoint)": to_config(experiment, middle | {"method": method}, refs)
+        for method in experiment.space.methods
+    }
 
 
 def sample_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, dict]:
@@ -28,8 +30,13 @@ def sample_configs(experiment: Experiment, refs: dict[str, str]) -> dict[str, di
     for index, start in enumerate(experiment.warm_starts):
         where = f"warm_starts[{index}]"
         params = expand_warm_start(experiment, start, where)
-        missing = [n for n in full_space(experiment) if n != "method" and n not in params
-                   and n.startswith(f"{params.get('method', experiment.space.methods[0])}/")]
+        missing = [
+            n
+            for n in full_space(experiment)
+            if n != "method"
+            and n not in params
+            and n.startswith(f"{params.get('method', experiment.space.methods[0])}/")
+        ]
         if missing:
             raise ExperimentError(f"{where}: gives no value for {', '.join(missing)}")
         configs[where] = to_config(experiment, params, refs)
@@ -57,16 +64,20 @@ def validate(experiment: Experiment, load: bool = False) -> str:
     """A description of the experiment; raises a UserError naming the problem. The tasks are looked
     up in lm-eval's index; with ``load``, their datasets are read and the models opened too."""
     refs = {alias: str(resolve_model(ref, load=load)) for alias, ref in experiment.models.items()}
-    lines = [f"experiment {experiment.name}: study {experiment.study_name!r}, sampler {experiment.study.sampler}, "
-             f"pruner {experiment.study.pruner}, {experiment.study.trials} trials, seed {experiment.seed}",
-             "models: " + ", ".join(f"{alias}={refs[alias]}" for alias in experiment.models)
-             + f" (base {experiment.base_model})",
-             f"objective: {experiment.evaluation.objective_function.name}; fidelity rungs (search items): "
-             f"{experiment.evaluation.fidelity}"]
+    lines = [
+        f"experiment {experiment.name}: study {experiment.study_name!r}, sampler {experiment.study.sampler}, "
+        f"pruner {experiment.study.pruner}, {experiment.study.trials} trials, seed {experiment.seed}",
+        "models: "
+        + ", ".join(f"{alias}={refs[alias]}" for alias in experiment.models)
+        + f" (base {experiment.base_model})",
+        f"objective: {experiment.evaluation.objective_function.name}; fidelity rungs (search items): "
+        f"{experiment.evaluation.fidelity}",
+    ]
     if experiment.soup is not None:
         soup = experiment.soup
-        lines.append(f"greedy soup over {len(soup.ingredients)} ingredients, order {soup.order}, "
-                     f"noise-aware {soup.noise_aware}")
+        lines.append(
+            f"greedy soup over {len(soup.ingredients)} ingredients, order {soup.order}, noise-aware {soup.noise_aware}"
+        )
     else:
         lines.append("search space:")
         lines += [f"  {name:<36} {dist}" for name, dist in full_space(experiment).items()]
@@ -74,14 +85,19 @@ def validate(experiment: Experiment, load: bool = False) -> str:
         from merge_core import Engine, Parents
 
         labels = check_configs(experiment, refs, Engine(Parents.open(dict.fromkeys(refs.values()))))
-        lines.append(f"{len(labels)} sample config(s) accepted by mergekit and planned against the parents' "
-                     f"weights: {', '.join(labels)}")
+        lines.append(
+            f"{len(labels)} sample config(s) accepted by mergekit and planned against the parents' "
+            f"weights: {', '.join(labels)}"
+        )
     else:
         labels = list(configs_to_check(experiment, refs))
-        lines.append(f"{len(labels)} sample config(s) built: {', '.join(labels)} (--load has mergekit check them "
-                     "against the weights)")
+        lines.append(
+            f"{len(labels)} sample config(s) built: {', '.join(labels)} (--load has mergekit check them "
+            "against the weights)"
+        )
     specs = [TaskSpec.of(task) for task in experiment.evaluation.tasks]
     (load_tasks if load else known_tasks)(specs)
-    lines.append(f"tasks {', '.join(experiment.evaluation.task_names)}: known to lm-eval"
-                 + (", datasets read" if load else ""))
+    lines.append(
+        f"tasks {', '.join(experiment.evaluation.task_names)}: known to lm-eval" + (", datasets read" if load else "")
+    )
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from evals.results import EvalResult, safe_metric_name
 from evals.objectives import Objective
+from evals.results import EvalResult, safe_metric_name
 from evals.stats import stratified_paired_bootstrap
 from search.tracking import Tracker
 
@@ -48,12 +48,19 @@ class Comparison:
 
     def sentence(self) -> str:
         verb = "beats" if self.beats else "does not beat"
-        return (f"{verb} its best parent on {self.split} ({self.points:+.1f} points, "
-                f"95% CI [{self.ci_low:+.1f}, {self.ci_high:+.1f}])")
+        # a gain whose interval reaches 0 or below could be the items' noise: say so
+        caveat = "; not significant: the interval includes 0" if self.beats and not self.ci_excludes_zero else ""
+        return (
+            f"{verb} its best parent on {self.split} ({self.points:+.1f} points, "
+            f"95% CI [{self.ci_low:+.1f}, {self.ci_high:+.1f}]{caveat})"
+        )
 
     def record(self) -> dict:
-        return asdict(self) | {"beats": self.beats, "ci_excludes_zero": self.ci_excludes_zero,
-                               "sentence": self.sentence()}
+        return asdict(self) | {
+            "beats": self.beats,
+            "ci_excludes_zero": self.ci_excludes_zero,
+            "sentence": self.sentence(),
+        }
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,15 @@ class Verdict:
         return rows + [self._said(c) for c in self.comparisons]
 
     def markdown(self) -> str:
-        rows = [f"| {model}{' (best parent)' if model == self.best_parent else ''} | "
-                f"{100 * scores['select']:.1f} | {100 * scores['test']:.1f} |"
-                for model, scores in self.objectives.items()]
+        rows = [
+            f"| {model}{' (best parent)' if model == self.best_parent else ''} | "
+            f"{100 * scores['select']:.1f} | {100 * scores['test']:.1f} |"
+            for model, scores in self.objectives.items()
+        ]
         sentences = [f"- {self._said(c)}" for c in self.comparisons]
-        return "\n".join(["| model | select objective (%) | test objective (%) |", "|---|---|---|", *rows, "",
-                          *sentences])
+        return "\n".join(
+            ["| model | select objective (%) | test objective (%) |", "|---|---|---|", *rows, "", *sentences]
+        )
 
     def record(self) -> dict:
         comparisons = {split: {"objective": None, "tasks": {}} for split in SPLITS}
@@ -98,24 +108,45 @@ class Verdict:
                 comparisons[c.split]["objective"] = c.record()
             else:
                 comparisons[c.split]["tasks"][c.scope] = c.record()
-        objectives = {model: {f"{split}_objective": value for split, value in scores.items()}
-                      for model, scores in self.objectives.items()}
-        return {"winner": {"name": self.winner, **objectives.pop(self.winner)}, "parents": objectives,
-                "best_parent": self.best_parent, "best_parent_chosen_on": "select", "method": METHOD,
-                "sentence": self.headline, **comparisons, "lines": self.lines()}
+        objectives = {
+            model: {f"{split}_objective": value for split, value in scores.items()}
+            for model, scores in self.objectives.items()
+        }
+        return {
+            "winner": {"name": self.winner, **objectives.pop(self.winner)},
+            "parents": objectives,
+            "best_parent": self.best_parent,
+            "best_parent_chosen_on": "select",
+            "method": METHOD,
+            "sentence": self.headline,
+            **comparisons,
+            "lines": self.lines(),
+        }
 
     def log(self, tracker: Tracker, run: str) -> None:
         """On the study's parent run: the numbers as metrics, the lines as text, the test verdict as a tag."""
-        metrics = {f"verdict/{c.split}/{safe_metric_name(c.scope)}/{name}": getattr(c, name)
-                   for c in self.comparisons for name in ("points", "ci_low", "ci_high")}
-        tracker.log(run, metrics=metrics, texts={"verdict.txt": "\n".join(self.lines()) + "\n"},
-                    dicts={"verdict.json": self.record()})
+        metrics = {
+            f"verdict/{c.split}/{safe_metric_name(c.scope)}/{name}": getattr(c, name)
+            for c in self.comparisons
+            for name in ("points", "ci_low", "ci_high")
+        }
+        tracker.log(
+            run,
+            metrics=metrics,
+            texts={"verdict.txt": "\n".join(self.lines()) + "\n"},
+            dicts={"verdict.json": self.record()},
+        )
         tracker.tag(run, "soupsearch.best_parent", self.best_parent)
         tracker.tag(run, "soupsearch.verdict", self.headline)
 
 
-def compare(winner: str, scores: Mapping[str, EvalResult], parents: Mapping[str, Mapping[str, EvalResult]],
-            objective: Objective, seed: int = 0) -> Verdict:
+def compare(
+    winner: str,
+    scores: Mapping[str, EvalResult],
+    parents: Mapping[str, Mapping[str, EvalResult]],
+    objective: Objective,
+    seed: int = 0,
+) -> Verdict:
     """``scores``: the winner's result on each split; ``parents``: alias -> split -> result, on the same items."""
     best = best_parent({alias: results["select"] for alias, results in parents.items()}, objective)
     tasks = list(objective.weights)
@@ -127,10 +158,14 @@ def compare(winner: str, scores: Mapping[str, EvalResult], parents: Mapping[str,
             if ours[task].doc_ids != theirs[task].doc_ids:
                 raise RuntimeError(f"{winner} and parent {best} were scored on different {split} items of {task}")
         for scope, weights in scopes.items():
-            difference = stratified_paired_bootstrap({t: ours[t].per_item for t in weights},
-                                                     {t: theirs[t].per_item for t in weights}, weights, ITERS, seed)
-            comparisons.append(Comparison(split, scope, 100 * difference.mean, 100 * difference.ci_low,
-                                          100 * difference.ci_high))
-    objectives = {name: {split: objective(results[split]) for split in SPLITS}
-                  for name, results in {winner: scores, **parents}.items()}
+            difference = stratified_paired_bootstrap(
+                {t: ours[t].per_item for t in weights}, {t: theirs[t].per_item for t in weights}, weights, ITERS, seed
+            )
+            comparisons.append(
+                Comparison(split, scope, 100 * difference.mean, 100 * difference.ci_low, 100 * difference.ci_high)
+            )
+    objectives = {
+        name: {split: objective(results[split]) for split in SPLITS}
+        for name, results in {winner: scores, **parents}.items()
+    }
     return Verdict(winner, best, objectives, comparisons)

@@ -25,8 +25,10 @@ class Workbench:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.refs[experiment.base_model])
         except (OSError, ValueError) as problem:  # no tokenizer files, or ones transformers cannot read
-            raise ExperimentError(f"model {experiment.models[experiment.base_model]}: the base model's tokenizer, "
-                                  f"which every evaluation uses, cannot be loaded ({type(problem).__name__})") from None
+            raise ExperimentError(
+                f"model {experiment.models[experiment.base_model]}: the base model's tokenizer, "
+                f"which every evaluation uses, cannot be loaded ({type(problem).__name__})"
+            ) from None
         self._evaluator: Evaluator | None = None
 
     def build(self, config: Mapping, seed: int) -> BuildReport:
@@ -38,16 +40,23 @@ class Workbench:
         model = self.engine.candidate.model
         if self._evaluator is None or self._evaluator.lm.model is not model:
             evaluation = self.experiment.evaluation
-            self._evaluator = Evaluator(model, self.tokenizer, evaluation.tasks, batch_size=evaluation.batch_size,
-                                        split_seed=evaluation.split_seed)
+            self._evaluator = Evaluator(
+                model,
+                self.tokenizer,
+                evaluation.tasks,
+                batch_size=evaluation.batch_size,
+                split_seed=evaluation.split_seed,
+            )
         return self._evaluator
 
     def score(self, split: str, limit: int | None = None, skip: int = 0) -> EvalResult:
         """The built candidate on ``split``; search limits are nested prefixes of a fixed order,
         and ``skip`` leaves out the items a lower rung scored already."""
         if limit is None:
-            limit = {"select": self.experiment.evaluation.select_limit,
-                     "test": self.experiment.evaluation.test_limit}.get(split)
+            limit = {
+                "select": self.experiment.evaluation.select_limit,
+                "test": self.experiment.evaluation.test_limit,
+            }.get(split)
         return self.evaluator.score(split, limit=limit, skip=skip)
 
     def score_rungs(self, rungs: Sequence[int]) -> Iterator[tuple[int, EvalResult, EvalResult]]:

@@ -19,8 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from tests.search_helpers import PICO_SLERP
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-       "SOUP_TEST_PASSWORD": "hunter2-secret"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "SOUP_TEST_PASSWORD": "hunter2-secret",
+}
 ENV.pop("SOUP_TEST_UNSET", None)
 PASSWORD = ENV["SOUP_TEST_PASSWORD"]
 PG = f"postgresql://soup:{PASSWORD}@127.0.0.1:1/soup"
@@ -56,6 +61,7 @@ def _garble_header(folder: Path) -> None:
 def _set(tensor_name: str, value: float):
     def edit(weights):
         weights[tensor_name][0, 0] = value
+
     return edit
 
 
@@ -115,8 +121,13 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     for name in ("trunc", "garbled", "bin", "nan", "narrow", "missing", "badcfg"):
         experiment(name, models={"general": general, "math": str(f[name])})
     experiment("notok", models={"general": str(f["notok"]), "math": general})
-    experiment("two-methods-grid", space={"slerp": {}, "linear": {}}, study={"sampler": "grid"},
-               models={"general": general, "math": "zoo:pico/specialist-gsm8k"}, warm_starts=[])
+    experiment(
+        "two-methods-grid",
+        space={"slerp": {}, "linear": {}},
+        study={"sampler": "grid"},
+        models={"general": general, "math": "zoo:pico/specialist-gsm8k"},
+        warm_starts=[],
+    )
     experiment("unknown-task", evaluation={"tasks": ["tiny_nonsense"], "fidelity": [8]})
     experiment("unset-var", storage="${SOUP_TEST_UNSET}")
     experiment("postgres", storage="postgresql://soup:${SOUP_TEST_PASSWORD}@127.0.0.1:1/soup")
@@ -129,8 +140,11 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     experiment("malformed", text="name: [pico\nmodels: {\n")
     experiment("list", text="- name: pico\n")
     experiment("typo", studdy={"trials": 2})
-    for name, content in (("middle", b'{"op_code": 0, "worker_id": "w"}\n{garbage\n{"op_code": 1}\n'),
-                          ("garbage", b"{garbage\n"), ("binary", bytes(range(256)))):
+    for name, content in (
+        ("middle", b'{"op_code": 0, "worker_id": "w"}\n{garbage\n{"op_code": 1}\n'),
+        ("garbage", b"{garbage\n"),
+        ("binary", bytes(range(256))),
+    ):
         journal = root / "journals" / f"{name}.log"
         journal.parent.mkdir(exist_ok=True)
         journal.write_bytes(content)
@@ -145,8 +159,10 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     base, other = pico_zoo / "base", pico_zoo / "general"
 
     def slerp(second: Path | str = other, extra: str = "") -> str:
-        return (f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\n"
-                f"models:\n  - model: {base}\n  - model: {second}\n{extra}")
+        return (
+            f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\n"
+            f"models:\n  - model: {base}\n  - model: {second}\n{extra}"
+        )
 
     merge_config("ok", slerp())
     merge_config("unknown-top", slerp(extra="normalise: true\n"))
@@ -250,10 +266,14 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "Inf weights": (["eval", str(fx["inf"]), "--tasks", "tiny_addition"], "v_proj"),
             "no tokenizer": (["eval", str(fx["notok"]), "--tasks", "tiny_addition"], "no-tokenizer"),
             "unknown task": (["eval", model, "--tasks", "tiny_nonsense"], "tiny_nonsense"),
-            "corrupt parquet": ([*eval_, "--data", f"tiny_addition:test={files / 'garbage.parquet'}"],
-                                "garbage.parquet"),
-            "JSONL of another schema": ([*eval_, "--data", f"tiny_addition:test={files / 'wrong.jsonl'}"],
-                                        "wrong.jsonl"),
+            "corrupt parquet": (
+                [*eval_, "--data", f"tiny_addition:test={files / 'garbage.parquet'}"],
+                "garbage.parquet",
+            ),
+            "JSONL of another schema": (
+                [*eval_, "--data", f"tiny_addition:test={files / 'wrong.jsonl'}"],
+                "wrong.jsonl",
+            ),
         },
     }
 
@@ -266,13 +286,19 @@ GROUPS = ["arguments", "experiment files", "models and tasks", "stores", "merge 
 def _run(arguments: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "search.cli", *arguments], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", *arguments],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     return done, time.monotonic() - started
 
 
-@pytest.mark.parametrize("group", [pytest.param(g, marks=pytest.mark.slow) if g in SLOW_GROUPS else g
-                                   for g in GROUPS])
+@pytest.mark.parametrize("group", [pytest.param(g, marks=pytest.mark.slow) if g in SLOW_GROUPS else g for g in GROUPS])
 def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
     cases = _cases(fx)[group]
     workdirs = {name: fx["root"] / "cwd" / group.replace(" ", "-") / str(i) for i, name in enumerate(cases)}
@@ -283,8 +309,10 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
         done, seconds = results[name]
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         if done.returncode != 2 or culprit not in last or "Traceback" in done.stderr or PASSWORD in done.stderr:
-            problems.append(f"{name}: exit {done.returncode} after {seconds:.0f} s; wanted {culprit!r} in the last "
-                            f"line; stderr ends: {done.stderr[-600:]}")
+            problems.append(
+                f"{name}: exit {done.returncode} after {seconds:.0f} s; wanted {culprit!r} in the last "
+                f"line; stderr ends: {done.stderr[-600:]}"
+            )
     assert not problems, "\n\n".join(problems)
     # the refused merges and exports left nothing behind
     assert not list(fx["root"].glob("o*")) and not list(fx["root"].glob(".o*"))
@@ -353,6 +381,8 @@ def test_duplicate_keys_are_refused_but_yaml_merge_keys_still_override():
     from user_input import UserError, parse_yaml
 
     assert parse_yaml("base: &b {t: 1, u: 2}\nmine:\n  <<: *b\n  t: 3\n", "x") == {
-        "base": {"t": 1, "u": 2}, "mine": {"t": 3, "u": 2}}
+        "base": {"t": 1, "u": 2},
+        "mine": {"t": 3, "u": 2},
+    }
     with pytest.raises(UserError, match="x: not valid YAML: found duplicate key 't' \\(line 1, column 11\\)"):
         parse_yaml("a: {t: 1, t: 2}", "x")

@@ -25,9 +25,20 @@ def test_every_command_takes_quiet_and_verbose():
     from search import output
     from search.cli import parser
 
-    commands = [["validate", "F"], ["run", "F"], ["worker", "F"], ["status", "F"], ["export", "F", "--out", "O"],
-                ["dashboard"], ["zoo", "build"], ["zoo", "verify"], ["zoo", "publish"], ["zoo", "report"],
-                ["merge", "CONFIG", "OUT"], ["eval", "MODEL", "--tasks", "tiny_addition"]]
+    commands = [
+        ["validate", "F"],
+        ["run", "F"],
+        ["worker", "F"],
+        ["status", "F"],
+        ["export", "F", "--out", "O"],
+        ["dashboard"],
+        ["zoo", "build"],
+        ["zoo", "verify"],
+        ["zoo", "publish"],
+        ["zoo", "report"],
+        ["merge", "CONFIG", "OUT"],
+        ["eval", "MODEL", "--tasks", "tiny_addition"],
+    ]
     for command in commands:
         assert parser().parse_args(command).verbosity == output.NORMAL, command
         assert parser().parse_args([*command, "--quiet"]).verbosity == output.QUIET, command

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from evals import lm_eval_patches
 from evals.harness import Evaluator, TaskError, load_model
-from evals.results import EvaluationFailed
 from evals.objectives import Objective
+from evals.results import EvaluationFailed
 from evals.spec import TaskSpec
 from evals.tasks import include_path, load_items
 from search.cli import main
@@ -60,8 +60,19 @@ def test_soupsearch_eval_equals_lm_eval_cli_on_the_same_items(pico_zoo, gsm8k_co
     model_dir = pico_zoo / "specialist-gsm8k"
     ours = tmp_path / "ours.json"
     data = [f"--data=gsm8k:{split}={path}" for split, path in gsm8k_copy.items()]
-    argv = ["eval", str(model_dir), "--tasks", "tiny_subtraction,tiny_gsm8k,gsm8k", *data, "--limit", "100",
-            "--gen-kwargs", "max_gen_toks=32", "--json", str(ours)]
+    argv = [
+        "eval",
+        str(model_dir),
+        "--tasks",
+        "tiny_subtraction,tiny_gsm8k,gsm8k",
+        *data,
+        "--limit",
+        "100",
+        "--gen-kwargs",
+        "max_gen_toks=32",
+        "--json",
+        str(ours),
+    ]
     assert main(argv) == 0
     record = json.loads(ours.read_text())
 
@@ -74,10 +85,28 @@ def test_soupsearch_eval_equals_lm_eval_cli_on_the_same_items(pico_zoo, gsm8k_co
     )
     samples = {task: r["doc_ids"] for task, r in record["tasks"].items()}
     subprocess.run(
-        [LM_EVAL, "--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(samples),
-         "--include_path", str(tasks_dir), "--samples", json.dumps(samples), "--batch_size", str(record["batch_size"]),
-         "--gen_kwargs", "max_gen_toks=32", "--output_path", str(tmp_path / "cli"), "--log_samples"],
-        check=True, capture_output=True,
+        [
+            LM_EVAL,
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir}",
+            "--tasks",
+            ",".join(samples),
+            "--include_path",
+            str(tasks_dir),
+            "--samples",
+            json.dumps(samples),
+            "--batch_size",
+            str(record["batch_size"]),
+            "--gen_kwargs",
+            "max_gen_toks=32",
+            "--output_path",
+            str(tmp_path / "cli"),
+            "--log_samples",
+        ],
+        check=True,
+        capture_output=True,
     )
     results = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
     for task, ours_task in record["tasks"].items():
@@ -131,8 +160,11 @@ def test_a_higher_rung_scores_only_its_new_items(addition):
     for task in ARITHMETIC:
         assert more[task].doc_ids == whole[task].doc_ids[24:]
         assert joined[task].doc_ids == whole[task].doc_ids and joined[task].per_item == whole[task].per_item
-        assert (joined[task].mean, joined[task].ci_low, joined[task].ci_high) == \
-            (whole[task].mean, whole[task].ci_low, whole[task].ci_high)
+        assert (joined[task].mean, joined[task].ci_low, joined[task].ci_high) == (
+            whole[task].mean,
+            whole[task].ci_low,
+            whole[task].ci_high,
+        )
     assert joined.seconds == low.seconds + more.seconds
 
 
@@ -151,9 +183,16 @@ def test_only_the_reported_filter_runs_and_it_scores_as_lm_eval_does(pico_zoo):
 
     fresh = load_tasks([TaskSpec(task="tiny_addition")])["tiny_addition"]
     assert [f.name for f in fresh._filters] == ["strict-match", "flexible-extract"]
-    results = evaluate(evaluator.lm, {"tasks": {"tiny_addition": fresh}, "groups": {}, "group_map": {}},
-                       samples={"tiny_addition": sorted(ours.doc_ids)}, bootstrap_iters=0, log_samples=True)
-    theirs = {s["doc_id"]: s["exact_match"] for s in results["samples"]["tiny_addition"] if s["filter"] == "flexible-extract"}
+    results = evaluate(
+        evaluator.lm,
+        {"tasks": {"tiny_addition": fresh}, "groups": {}, "group_map": {}},
+        samples={"tiny_addition": sorted(ours.doc_ids)},
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    theirs = {
+        s["doc_id"]: s["exact_match"] for s in results["samples"]["tiny_addition"] if s["filter"] == "flexible-extract"
+    }
     assert [theirs[d] for d in ours.doc_ids] == ours.per_item
     assert sum(ours.per_item) > 0  # some right answers among the compared
 

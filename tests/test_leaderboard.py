@@ -23,14 +23,24 @@ def _study() -> optuna.Study:
     study.add_trial(_trial(TrialState.COMPLETE, 0.3100, fidelity=TOP_RUNG, seed=12, **timing))
     study.add_trial(_trial(TrialState.FAIL, fail_reason="merge failed: OutOfMemoryError", seed=13, merge_s=0.1))
     study.add_trial(_trial(TrialState.FAIL, seed=14, merge_s=0.2))
-    study.add_trial(_trial(TrialState.COMPLETE, 0.2500, fidelity=TOP_RUNG, seed=14, retry_of=4,
-                           retry_reason="interrupted: host:42 ended mid-trial", **timing))
+    study.add_trial(
+        _trial(
+            TrialState.COMPLETE,
+            0.2500,
+            fidelity=TOP_RUNG,
+            seed=14,
+            retry_of=4,
+            retry_reason="interrupted: host:42 ended mid-trial",
+            **timing,
+        )
+    )
     study.add_trial(_trial(TrialState.PRUNED, 0.0, fidelity=16, objective=0.1000, seed=16, **timing))
     runs = {}
     for alias, value in (("general", 0.3000), ("math", 0.2000)):
         runs[alias] = {"mlflow_run_id": f"run-{alias}", "merge_s": 0.05}
-        study.set_user_attr(f"baseline/{alias}/search", {"limit": TOP_RUNG, "values": [value],
-                                                         "result": {"seconds": 2.5}})
+        study.set_user_attr(
+            f"baseline/{alias}/search", {"limit": TOP_RUNG, "values": [value], "result": {"seconds": 2.5}}
+        )
     study.set_user_attr("baselines", runs)
     return study
 
@@ -38,8 +48,16 @@ def _study() -> optuna.Study:
 def test_complete_trials_and_parents_rank_above_pruned_ones_then_failures():
     rows = leaderboard(_study())
     assert [(row["trial"], row["state"]) for row in rows] == [
-        (2, "COMPLETE"), ("general", "BASELINE"), (0, "COMPLETE"), (5, "COMPLETE"), ("math", "BASELINE"),
-        (1, "PRUNED"), (6, "PRUNED"), (3, "FAIL"), (4, "FAIL")]
+        (2, "COMPLETE"),
+        ("general", "BASELINE"),
+        (0, "COMPLETE"),
+        (5, "COMPLETE"),
+        ("math", "BASELINE"),
+        (1, "PRUNED"),
+        (6, "PRUNED"),
+        (3, "FAIL"),
+        (4, "FAIL"),
+    ]
     by_trial = {row["trial"]: row for row in rows}
     assert by_trial[1]["value"] == 0.3542 and by_trial[1]["fidelity"] == 16  # its mean on 16 items, not 1.0
     assert by_trial[0]["fidelity"] == by_trial["general"]["fidelity"] == TOP_RUNG
@@ -55,9 +73,14 @@ def test_summary_has_an_items_column_and_counts_the_rows_it_leaves_out():
     assert lines[1].split() == ["trial", "state", "value", "items", "merge", "s", "eval", "s", "seed", "note"]
     table = [line.split() for line in lines[2:-1]]
     assert [row[:4] for row in table] == [
-        ["2", "COMPLETE", "0.3100", "48"], ["general", "BASELINE", "0.3000", "48"],
-        ["0", "COMPLETE", "0.2986", "48"], ["math", "BASELINE", "0.2000", "48"],
-        ["1", "PRUNED", "0.3542", "16"], ["6", "PRUNED", "0.1000", "16"],
-        ["3", "FAIL", "0.10", "13"], ["4", "FAIL", "0.20", "14"]]  # no items, no value: merge s, seed
+        ["2", "COMPLETE", "0.3100", "48"],
+        ["general", "BASELINE", "0.3000", "48"],
+        ["0", "COMPLETE", "0.2986", "48"],
+        ["math", "BASELINE", "0.2000", "48"],
+        ["1", "PRUNED", "0.3542", "16"],
+        ["6", "PRUNED", "0.1000", "16"],
+        ["3", "FAIL", "0.10", "13"],
+        ["4", "FAIL", "0.20", "14"],
+    ]  # no items, no value: merge s, seed
     assert " ".join(table[6]).endswith("merge failed: OutOfMemoryError")
     assert lines[-1].startswith("... 1 more complete not shown")  # trial 5: top=2 complete trials shown

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_configs import configs
 from safetensors.torch import load_file, save_file
 
-from merge_configs import configs
 from merge_core import Engine, MergeInputError, Parents, methods
 from merge_core.parents import Parent, TensorHeader
 from search.cli import main
@@ -34,8 +34,12 @@ def deep_parents(zoo: Path, layers: int) -> Parents:
 
 
 def t_values(zoo: Path, t) -> dict[str, float]:
-    config = {"merge_method": "slerp", "base_model": str(zoo / "base"), "parameters": {"t": t},
-              "models": [{"model": str(zoo / "base")}, {"model": str(zoo / "specialist-gsm8k")}]}
+    config = {
+        "merge_method": "slerp",
+        "base_model": str(zoo / "base"),
+        "parameters": {"t": t},
+        "models": [{"model": str(zoo / "base")}, {"model": str(zoo / "specialist-gsm8k")}],
+    }
     return {job.name: job.shared["t"] for job in Engine(deep_parents(zoo, 40)).plan(config).jobs}
 
 
@@ -49,8 +53,15 @@ def test_gradient_interpolates_per_layer_with_first_value_for_embeddings(pico_zo
 
 
 def test_filters_first_match_wins_and_layernorms_fall_through(pico_zoo):
-    t = t_values(pico_zoo, [{"filter": "self_attn", "value": 0.1}, {"filter": "q_proj", "value": 0.9},
-                            {"filter": "mlp", "value": [0.2, 0.4]}, {"value": 0.7}])
+    t = t_values(
+        pico_zoo,
+        [
+            {"filter": "self_attn", "value": 0.1},
+            {"filter": "q_proj", "value": 0.9},
+            {"filter": "mlp", "value": [0.2, 0.4]},
+            {"value": 0.7},
+        ],
+    )
     assert t["model.layers.3.self_attn.q_proj.weight"] == pytest.approx(0.1)
     assert t["model.layers.0.mlp.down_proj.weight"] == pytest.approx(0.2)
     assert t["model.layers.39.mlp.gate_proj.weight"] == pytest.approx(0.4)
@@ -60,17 +71,28 @@ def test_filters_first_match_wins_and_layernorms_fall_through(pico_zoo):
 def test_source_beats_slice_beats_top_level_and_defaults_fill_in(pico_zoo):
     base, gsm, add = (str(pico_zoo / n) for n in ("base", "specialist-gsm8k", "specialist-addition"))
     parents = Parents.open([base, gsm, add])
-    config = {"merge_method": "ties", "base_model": base,
-              "parameters": {"weight": 0.25, "density": 0.9, "lambda": 2.0},
-              "slices": [{"parameters": {"density": 0.5}, "sources": [
-                  {"model": base, "layer_range": [0, 2]},
-                  {"model": gsm, "layer_range": [0, 2], "parameters": {"density": 0.1, "weight": 1.0}},
-                  {"model": add, "layer_range": [0, 2]}]}]}
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "parameters": {"weight": 0.25, "density": 0.9, "lambda": 2.0},
+        "slices": [
+            {
+                "parameters": {"density": 0.5},
+                "sources": [
+                    {"model": base, "layer_range": [0, 2]},
+                    {"model": gsm, "layer_range": [0, 2], "parameters": {"density": 0.1, "weight": 1.0}},
+                    {"model": add, "layer_range": [0, 2]},
+                ],
+            }
+        ],
+    }
     job = next(j for j in Engine(parents).plan(config).jobs if j.name.startswith("model.layers.1."))
     by_model = {Path(m).name: v for m, v in job.per_input["density"].items()}
     assert by_model == {"specialist-gsm8k": 0.1, "specialist-addition": 0.5}
     assert {Path(m).name: v for m, v in job.per_input["weight"].items()} == {
-        "specialist-gsm8k": 1.0, "specialist-addition": 0.25}
+        "specialist-gsm8k": 1.0,
+        "specialist-addition": 0.25,
+    }
     assert job.shared == {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 2.0}
 
 
@@ -90,15 +112,20 @@ def test_candidate_is_reused_in_place_until_the_structure_changes(parents, pico_
     fresh = Engine(parents)
     fresh.build(zoo["slerp_gradient"])
     assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in fresh.candidate.tensors.items())
-    passthrough = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(pico_zoo / "base"), "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(pico_zoo / "specialist-gsm8k"), "layer_range": [0, 1]}]}]}
+    passthrough = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(pico_zoo / "base"), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(pico_zoo / "specialist-gsm8k"), "layer_range": [0, 1]}]},
+        ],
+    }
     engine.build(passthrough)
     assert engine.candidate.model.config.num_hidden_layers == 3
     assert len(engine.candidate.model.model.layers) == 3
     gsm = load_file(pico_zoo / "specialist-gsm8k" / "model.safetensors")
-    assert torch.equal(engine.candidate.tensors["model.layers.2.mlp.up_proj.weight"],
-                       gsm["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        engine.candidate.tensors["model.layers.2.mlp.up_proj.weight"], gsm["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def streaming_need(engine: Engine, config: dict) -> tuple[int, int]:
@@ -107,8 +134,7 @@ def streaming_need(engine: Engine, config: dict) -> tuple[int, int]:
     values, scratch = methods.footprint(plan, engine.parents)
     largest = max(sum(engine.parents[s.model].headers[s.tensor].nbytes for s in job.sources) for job in plan.jobs)
     candidate = engine.candidate.nbytes
-    return (candidate + scratch + 4 * largest,
-            engine.parents.nbytes + values + candidate + scratch + 2 * largest)
+    return (candidate + scratch + 4 * largest, engine.parents.nbytes + values + candidate + scratch + 2 * largest)
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp_gradient", "sce"])
@@ -143,6 +169,7 @@ def test_a_budget_that_only_the_fast_path_scratch_exceeds_streams(pico_zoo, pare
 
 # ---- bad input: exit code 2, a message that names the culprit, no output folder ----
 
+
 def copy_model(zoo: Path, tmp: Path, name: str, edit_config=None, edit_tensors=None) -> Path:
     folder = tmp / name
     shutil.copytree(zoo / "specialist-gsm8k", folder)
@@ -174,8 +201,13 @@ def bigger_vocab(config):
 
 
 def slerp_with(zoo: Path, other: Path | str, **changes) -> dict:
-    return {"merge_method": "slerp", "base_model": str(zoo / "base"), "parameters": {"t": 0.5},
-            "models": [{"model": str(zoo / "base")}, {"model": str(other)}], **changes}
+    return {
+        "merge_method": "slerp",
+        "base_model": str(zoo / "base"),
+        "parameters": {"t": 0.5},
+        "models": [{"model": str(zoo / "base")}, {"model": str(other)}],
+        **changes,
+    }
 
 
 def first_model_sets(config: dict, **parameters) -> dict:
@@ -187,17 +219,25 @@ BAD = {
     "unknown method": (lambda z, t: slerp_with(z, z / "general", merge_method="slurp"), "slurp"),
     "missing parent": (lambda z, t: slerp_with(z, t / "nowhere"), "nowhere"),
     "architecture": (lambda z, t: slerp_with(z, copy_model(z, t, "llama", edit_config=llama)), "Llama"),
-    "shape": (lambda z, t: slerp_with(z, copy_model(z, t, "narrow", edit_tensors=narrower)),
-              "model.layers.0.mlp.up_proj.weight"),
+    "shape": (
+        lambda z, t: slerp_with(z, copy_model(z, t, "narrow", edit_tensors=narrower)),
+        "model.layers.0.mlp.up_proj.weight",
+    ),
     "vocab": (lambda z, t: slerp_with(z, copy_model(z, t, "vocab", edit_config=bigger_vocab)), "321"),
     "parameter type": (lambda z, t: slerp_with(z, z / "general", parameters={"t": "half"}), "parameter t"),
-    "negative DARE density": (lambda z, t: first_model_sets(configs(z)["dare_ties"], density=-0.1),
-                              "density -0.1"),
+    "negative DARE density": (lambda z, t: first_model_sets(configs(z)["dare_ties"], density=-0.1), "density -0.1"),
     "della epsilon": (lambda z, t: first_model_sets(configs(z)["della"], epsilon=0.5), "epsilon 0.5"),
-    "layer_range": (lambda z, t: {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(z / "base"), "layer_range": [0, 5]}]}]}, "[0, 5]"),
-    "nan": (lambda z, t: slerp_with(z, copy_model(z, t, "nan", edit_tensors=with_nan)),
-            "model.layers.1.mlp.up_proj.weight"),
+    "layer_range": (
+        lambda z, t: {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": str(z / "base"), "layer_range": [0, 5]}]}],
+        },
+        "[0, 5]",
+    ),
+    "nan": (
+        lambda z, t: slerp_with(z, copy_model(z, t, "nan", edit_tensors=with_nan)),
+        "model.layers.1.mlp.up_proj.weight",
+    ),
 }
 
 
@@ -215,9 +255,11 @@ def test_bad_input_exits_2_naming_the_culprit_and_leaves_no_folder(case, pico_zo
 @pytest.mark.parametrize("case", sorted(set(BAD) - {"nan", "missing parent", "unknown method"}))
 def test_bad_config_is_caught_before_any_tensor_is_loaded(case, pico_zoo, tmp_path):
     config = BAD[case][0](pico_zoo, tmp_path)
-    parents = Parents.open({str(m["model"]) for m in config.get("models", [])}
-                           | {str(s["model"]) for sl in config.get("slices", []) for s in sl["sources"]}
-                           | {config.get("base_model", str(pico_zoo / "base"))})
+    parents = Parents.open(
+        {str(m["model"]) for m in config.get("models", [])}
+        | {str(s["model"]) for sl in config.get("slices", []) for s in sl["sources"]}
+        | {config.get("base_model", str(pico_zoo / "base"))}
+    )
     with pytest.raises(MergeInputError):
         Engine(parents).plan(config)
     assert not any(parent.tensors for parent in parents)
@@ -226,5 +268,6 @@ def test_bad_config_is_caught_before_any_tensor_is_loaded(case, pico_zoo, tmp_pa
 def test_header_sizes_match_the_loaded_tensors(pico_zoo):
     parent = Parent.open(pico_zoo / "base")
     parent.load(torch.device("cpu"), pin=False)
-    assert all(isinstance(h, TensorHeader) and tuple(parent.tensors[n].shape) == h.shape
-               for n, h in parent.headers.items())
+    assert all(
+        isinstance(h, TensorHeader) and tuple(parent.tensors[n].shape) == h.shape for n, h in parent.headers.items()
+    )

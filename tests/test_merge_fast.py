@@ -14,25 +14,36 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
 from merge_configs import configs
-from merge_core import Engine, Parents
-from merge_core import kernels, methods
+
+from merge_core import Engine, Parents, kernels, methods
 from merge_core.methods.task_arithmetic import dare_mask
 from merge_core.parents import Parent
 
-FAST_CASES = ["linear", "linear_negative_unnormalized", "slerp_gradient", "task_arithmetic", "ties",
-              "ties_rescaled", "ties_filters_lambda", "slices_two_slerp_bf16_out", "task_arithmetic_bf16"]
-MODELS = ["base", "specialist-addition", "specialist-subtraction", "specialist-multiplication",
-          "specialist-gsm8k"]
+FAST_CASES = [
+    "linear",
+    "linear_negative_unnormalized",
+    "slerp_gradient",
+    "task_arithmetic",
+    "ties",
+    "ties_rescaled",
+    "ties_filters_lambda",
+    "slices_two_slerp_bf16_out",
+    "task_arithmetic_bf16",
+]
+MODELS = ["base", "specialist-addition", "specialist-subtraction", "specialist-multiplication", "specialist-gsm8k"]
 
 
 VARIANTS = {  # name: (a config of merge_configs, global parameters added, top-level keys added)
-    "slerp_gradient": ("slerp_gradient", {}, {}), "task_arithmetic": ("task_arithmetic", {}, {}),
-    "ties": ("ties", {}, {}), "ties_rescaled": ("ties", {"rescale": True}, {}),
-    "dare_ties": ("dare_ties", {}, {}), "dare_linear": ("dare_linear", {}, {}),
+    "slerp_gradient": ("slerp_gradient", {}, {}),
+    "task_arithmetic": ("task_arithmetic", {}, {}),
+    "ties": ("ties", {}, {}),
+    "ties_rescaled": ("ties", {"rescale": True}, {}),
+    "dare_ties": ("dare_ties", {}, {}),
+    "dare_linear": ("dare_linear", {}, {}),
     "dare_linear_fp16": ("dare_linear", {}, {"dtype": "float16"}),
-    "dare_ties_bf16": ("dare_ties", {}, {"dtype": "bfloat16"})}
+    "dare_ties_bf16": ("dare_ties", {}, {"dtype": "bfloat16"}),
+}
 
 
 def variant(zoo: Path, name: str) -> dict:
@@ -89,8 +100,7 @@ def test_new_densities_reuse_the_study_cache(parents, pico_zoo):
         model["parameters"]["density"] = 0.05
     engine.build(config)
     assert len(engine.cache.values) == cached
-    assert all(torch.equal(engine.candidate.tensors[k], v)
-               for k, v in build(parents, config, fast=False).items())
+    assert all(torch.equal(engine.candidate.tensors[k], v) for k, v in build(parents, config, fast=False).items())
 
 
 def quantized_parents(zoo: Path, step: float) -> Parents:
@@ -107,8 +117,11 @@ def quantized_parents(zoo: Path, step: float) -> Parents:
 @pytest.mark.parametrize("density", [0.0001, 0.37, 0.9])
 def test_ties_keeps_exactly_mergekits_top_k_under_ties(density, pico_zoo):
     stored = quantized_parents(pico_zoo, step=1e-3)
-    config = {"merge_method": "ties", "base_model": str(pico_zoo / "base"), "models": [
-        {"model": str(pico_zoo / "specialist-gsm8k"), "parameters": {"weight": 1.0, "density": density}}]}
+    config = {
+        "merge_method": "ties",
+        "base_model": str(pico_zoo / "base"),
+        "models": [{"model": str(pico_zoo / "specialist-gsm8k"), "parameters": {"weight": 1.0, "density": density}}],
+    }
     ours, mergekit = build(stored, config, fast=True), build(stored, config, fast=False)
     base, tuned = stored[pico_zoo / "base"].tensors, stored[pico_zoo / "specialist-gsm8k"].tensors
     for name, value in mergekit.items():
@@ -120,7 +133,7 @@ def test_ties_keeps_exactly_mergekits_top_k_under_ties(density, pico_zoo):
 
 def test_sign_consensus_breaks_exact_cancellations_towards_plus_as_mergekit(pico_zoo, block):
     """Two task vectors that are exact negatives: every sum is +0, the majority sign is +."""
-    step = 2.0 ** -10
+    step = 2.0**-10
     base, plus, minus = (Parent.open(pico_zoo / name) for name in MODELS[:3])
     stored = Parents([base, plus, minus])
     stored.load()
@@ -128,8 +141,13 @@ def test_sign_consensus_breaks_exact_cancellations_towards_plus_as_mergekit(pico
         base.tensors[name] = (value / step).round() * step
         tau = ((plus.tensors[name] - value) / step).round().clamp(-3, 3) * step
         plus.tensors[name], minus.tensors[name] = base.tensors[name] + tau, base.tensors[name] - tau
-    config = {"merge_method": "ties", "base_model": str(pico_zoo / MODELS[0]), "models": [
-        {"model": str(pico_zoo / name), "parameters": {"weight": 0.5, "density": 1.0}} for name in MODELS[1:3]]}
+    config = {
+        "merge_method": "ties",
+        "base_model": str(pico_zoo / MODELS[0]),
+        "models": [
+            {"model": str(pico_zoo / name), "parameters": {"weight": 0.5, "density": 1.0}} for name in MODELS[1:3]
+        ],
+    }
     ours, mergekit = build(stored, config, fast=True), build(stored, config, fast=False)
     moved = 0
     for name, value in mergekit.items():
@@ -146,9 +164,14 @@ def assert_equals_mergekit_given_the_same_masks(parents: Parents, config: dict, 
     engine.build(config, seed=seed)
     ours = weights(engine)
     plan = engine.plan(config)
-    masks = iter([dare_mask(job.shape, job.per_input["density"][source.model], seed, job, source.model,
-                            torch.device("cpu"))
-                  for job in plan.jobs for i, source in enumerate(job.sources) if i != job.base])
+    masks = iter(
+        [
+            dare_mask(job.shape, job.per_input["density"][source.model], seed, job, source.model, torch.device("cpu"))
+            for job in plan.jobs
+            for i, source in enumerate(job.sources)
+            if i != job.base
+        ]
+    )
 
     def same_masks(probabilities: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return next(masks).to(probabilities.dtype)
@@ -179,8 +202,9 @@ def test_footprint_bounds_what_the_fast_paths_allocate(name, parents, pico_zoo, 
     assert engine.cache.values_nbytes == values > 0  # exact: task vectors, ranks, norms, dots
 
 
-@pytest.mark.parametrize("method,fast", [("dare_ties", True), ("dare_linear", True),
-                                         ("della", False), ("della_linear", False)])
+@pytest.mark.parametrize(
+    "method,fast", [("dare_ties", True), ("dare_linear", True), ("della", False), ("della_linear", False)]
+)
 def test_random_merges_depend_on_seed_not_on_order(method, fast, parents, pico_zoo):
     config = configs(pico_zoo)[method]
     engine = Engine(parents, use_fast_paths=fast)
@@ -209,8 +233,13 @@ def test_cpu_dare_mask_is_bernoulli_with_the_requested_density(density):
 def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():
     """The first outputs of SplitMix64 seeded with 1234567, from the reference implementation
     (Vigna, splitmix64.c): an element is kept when the top 32 bits of its output are below the cut."""
-    reference = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
-                 16408922859458223821]
+    reference = [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
     for index, output in enumerate(reference):
         kept = np.empty(1, dtype=np.uint8)
         for cut in (output >> 32, (output >> 32) + 1):
@@ -220,7 +249,7 @@ def test_cpu_dare_draws_are_splitmix64_and_any_range_draws_the_same_elements():
     kernels.keep_mask(99, kernels.threshold(0.4), 0, whole)
     piece = np.empty(777, dtype=np.uint8)
     kernels.keep_mask(99, kernels.threshold(0.4), 4321, piece)
-    assert np.array_equal(piece, whole[4321:4321 + 777])
+    assert np.array_equal(piece, whole[4321 : 4321 + 777])
 
 
 def many_parents(zoo: Path, folder: Path, count: int) -> tuple[Parents, list[str]]:
@@ -249,9 +278,14 @@ def many_parents(zoo: Path, folder: Path, count: int) -> tuple[Parents, list[str
 def test_twenty_models_sum_in_torchs_order(method, pico_zoo, tmp_path, block):
     """Past 16 models torch sums a [models, n] tensor over dim 0 in a cascade, not in row order."""
     stored, names = many_parents(pico_zoo, tmp_path, 20)
-    config = {"merge_method": method, "base_model": str(pico_zoo / "base"), "models": [
-        {"model": name, "parameters": {"weight": 0.1 + 0.05 * index - 0.5 * (index == 3), "density": 0.7}}
-        for index, name in enumerate(names)]}
+    config = {
+        "merge_method": method,
+        "base_model": str(pico_zoo / "base"),
+        "models": [
+            {"model": name, "parameters": {"weight": 0.1 + 0.05 * index - 0.5 * (index == 3), "density": 0.7}}
+            for index, name in enumerate(names)
+        ],
+    }
     assert_equals_mergekit_given_the_same_masks(stored, config)
 
 
@@ -273,7 +307,13 @@ print(json.dumps({{name: [sum(getattr(kernels, name).stats.cache_hits.values()),
                    for name in ("slerp", "task_arithmetic", "masked_abs")}}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
-    first, second = (json.loads(subprocess.run([sys.executable, "-c", builds], env=env, capture_output=True,
-                                               text=True, check=True, timeout=600).stdout) for _ in range(2))
+    first, second = (
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", builds], env=env, capture_output=True, text=True, check=True, timeout=600
+            ).stdout
+        )
+        for _ in range(2)
+    )
     assert all(misses > 0 for _, misses in first.values()), first  # compiled: nothing was cached yet
     assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_configs import RANDOM_METHODS, configs
 from safetensors import safe_open
 
-from merge_configs import RANDOM_METHODS, configs
 from search.cli import main
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,7 @@ def build_both(name: str, zoo: Path, tmp: Path, config: dict | None = None) -> t
     config_file.write_text(yaml.safe_dump(config or configs(zoo)[name]))
     theirs, ours = tmp / "mergekit", tmp / "ours"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(MERGEKIT_YAML), str(config_file), str(theirs)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([str(MERGEKIT_YAML), str(config_file), str(theirs)], check=True, env=env, capture_output=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same summation order as mergekit-yaml above (iterative karcher)
     try:
@@ -76,9 +75,17 @@ def test_passthrough_changes_layer_count(pico_zoo, tmp_path):
 def test_random_sparsification_statistics_match_mergekit(method, pico_zoo, tmp_path):
     """One task vector, weight 1: merged - base = tau * mask * (|tau|_1 / |tau*mask|_1), per tensor."""
     density = 0.3
-    config = {"merge_method": method, "base_model": str(pico_zoo / "base"), "dtype": "float64",
-              "models": [{"model": str(pico_zoo / "specialist-gsm8k"),
-                          "parameters": {"weight": 1.0, "density": density, "epsilon": 0.1}}]}
+    config = {
+        "merge_method": method,
+        "base_model": str(pico_zoo / "base"),
+        "dtype": "float64",
+        "models": [
+            {
+                "model": str(pico_zoo / "specialist-gsm8k"),
+                "parameters": {"weight": 1.0, "density": density, "epsilon": 0.1},
+            }
+        ],
+    }
     theirs, ours = build_both(method, pico_zoo, tmp_path, config)
     base = read_folder(pico_zoo / "base")
     tuned = read_folder(pico_zoo / "specialist-gsm8k")

@@ -35,14 +35,19 @@ URLS = {"storage": "${SOUPSEARCH_TEST_STORAGE}", "tracking_uri": "${SOUPSEARCH_T
 
 
 def _required() -> bool:
-    return any(os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-               for name in ("CI", "SOUPSEARCH_REQUIRE_POSTGRES"))
+    return any(
+        os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+        for name in ("CI", "SOUPSEARCH_REQUIRE_POSTGRES")
+    )
 
 
 def _missing(reason: str) -> None:
     if _required():
-        pytest.fail(f"{reason}; CI or SOUPSEARCH_REQUIRE_POSTGRES is set, so these tests must run "
-                    "(.ci/run starts a PostgreSQL with .ci/postgres.sh)", pytrace=False)
+        pytest.fail(
+            f"{reason}; CI or SOUPSEARCH_REQUIRE_POSTGRES is set, so these tests must run "
+            "(.ci/run starts a PostgreSQL with .ci/postgres.sh)",
+            pytrace=False,
+        )
     pytest.skip(f"{reason} (.ci/run starts a throwaway PostgreSQL with .ci/postgres.sh)")
 
 
@@ -86,19 +91,35 @@ def spawned():
             process.communicate(timeout=60)
 
 
-def _run_then_together(path: Path, env: dict, workers: int, spawned: list, cwd: list[Path] | None = None,
-                       ) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+def _run_then_together(
+    path: Path,
+    env: dict,
+    workers: int,
+    spawned: list,
+    cwd: list[Path] | None = None,
+) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """`run --trials 1` creates the study (and scores the parents); then `run` resumes it while
     ``workers`` workers join, all started at once, so that each is up before the budget is spent
     (a worker started once the study exists would still be importing torch when `run` is done)."""
     folders = cwd or [path.parent] * (workers + 1)
-    first = subprocess.run([*CLI, "run", str(path), "--trials", "1"], cwd=folders[0], env=env,
-                           capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        [*CLI, "run", str(path), "--trials", "1"], cwd=folders[0], env=env, capture_output=True, text=True, timeout=600
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    run = subprocess.Popen([*CLI, "run", str(path)], cwd=folders[0], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    started = [subprocess.Popen([*CLI, "worker", str(path)], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for folder in folders[1:]]
+    run = subprocess.Popen(
+        [*CLI, "run", str(path)], cwd=folders[0], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    started = [
+        subprocess.Popen(
+            [*CLI, "worker", str(path)],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in folders[1:]
+    ]
     spawned += [run, *started]
     return run, started
 
@@ -158,20 +179,24 @@ def _check_records(study, client, budget: int, processes: list[subprocess.Popen]
     shown = [t.number for t in trials if t.state in (*FINISHED, TrialState.FAIL)]
     assert sorted(listed) == sorted(shown) and len(set(listed)) == len(listed)  # each trial exactly once
     owners = Counter(t.user_attrs["owner"] for t in finished)
-    print(f"measured: {len(finished)} finished of budget {budget}, {len(trials)} trials, by process "
-          f"{sorted(owners.values(), reverse=True)}, 0 duplicates, {len(runs)} MLflow runs")
+    print(
+        f"measured: {len(finished)} finished of budget {budget}, {len(trials)} trials, by process "
+        f"{sorted(owners.values(), reverse=True)}, 0 duplicates, {len(runs)} MLflow runs"
+    )
     return by_number
 
 
 @pytest.mark.slow
-def test_run_and_two_workers_share_a_postgresql_study_and_mlflow_store(pico_zoo, tmp_path,
-        database, spawned):
+def test_run_and_two_workers_share_a_postgresql_study_and_mlflow_store(pico_zoo, tmp_path, database, spawned):
     from mlflow.tracking import MlflowClient
 
     storage, tracking = database("optuna"), database("mlflow")
-    path = write_experiment(tmp_path, **URLS, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [16],
-                                                          "select_limit": 8, "test_limit": 8},
-                            study={"sampler": "random", "trials": 6})
+    path = write_experiment(
+        tmp_path,
+        **URLS,
+        evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [16], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "trials": 6},
+    )
     run, workers = _run_then_together(path, _env(storage, tracking), workers=2, spawned=spawned)
     _wait([run, *workers])
 
@@ -188,15 +213,17 @@ def test_run_and_two_workers_share_a_postgresql_study_and_mlflow_store(pico_zoo,
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(pico_zoo, tmp_path,
-        database, spawned):
+def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(pico_zoo, tmp_path, database, spawned):
     import optuna
     from mlflow.tracking import MlflowClient
 
     storage, tracking = database("optuna"), database("mlflow")
-    path = write_experiment(tmp_path, **URLS, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32],
-                                                          "select_limit": 8, "test_limit": 8},
-                            study={"sampler": "random", "trials": 10})
+    path = write_experiment(
+        tmp_path,
+        **URLS,
+        evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "trials": 10},
+    )
     # a beat every 3 s, stale after 6 s (60 s and 120 s by default): the others fail and re-run it
     env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="3")
     run, workers = _run_then_together(path, env, workers=2, spawned=spawned)
@@ -207,8 +234,11 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
         time.sleep(0.05)
         trials = watch.get_trials(deepcopy=False)
         # mid-trial: the victim's trial with every parameter suggested (6), its candidate being scored
-        running = [t for t in trials if t.state == TrialState.RUNNING and len(t.params) == 6
-                   and t.user_attrs.get("owner") == _owner(victim)]
+        running = [
+            t
+            for t in trials
+            if t.state == TrialState.RUNNING and len(t.params) == 6 and t.user_attrs.get("owner") == _owner(victim)
+        ]
         # and the others past their start, where they would recover it as a dead process's trial on
         # this host: only a heartbeat going stale can tell them of it now, as on another machine
         others = {_owner(run), _owner(workers[1])} <= {t.user_attrs.get("owner") for t in trials}
@@ -236,8 +266,10 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
     assert dead.info.status == "FAILED" and dead.data.tags["soupsearch.state"] == "FAIL"
     assert "heartbeats" in dead.data.tags["soupsearch.fail_reason"]
     assert by_number[retry.number].info.status == "FINISHED"
-    print(f"measured: killed trial {killed.number}, re-run as trial {retry.number} by "
-          f"{'run' if retry.user_attrs['owner'] == _owner(run) else 'the other worker'}")
+    print(
+        f"measured: killed trial {killed.number}, re-run as trial {retry.number} by "
+        f"{'run' if retry.user_attrs['owner'] == _owner(run) else 'the other worker'}"
+    )
 
 
 def _free_port() -> int:
@@ -247,19 +279,35 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_run_and_worker_in_separate_folders_share_an_mlflow_server_on_postgresql(pico_zoo, tmp_path,
-        database, spawned):
+def test_run_and_worker_in_separate_folders_share_an_mlflow_server_on_postgresql(pico_zoo, tmp_path, database, spawned):
     from mlflow.tracking import MlflowClient
 
     storage, backend = database("optuna"), database("mlflow")
     artifacts = tmp_path / "server-artifacts"
     port = _free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
-                               "--workers", "1"],
-                              env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=log,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "1",
+        ],
+        env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     tracking = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -271,9 +319,12 @@ def test_run_and_worker_in_separate_folders_share_an_mlflow_server_on_postgresql
         machines = [tmp_path / "machine-a", tmp_path / "machine-b"]
         for folder in machines:
             folder.mkdir()
-        path = write_experiment(tmp_path, **URLS, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [16],
-                                                              "select_limit": 8, "test_limit": 8},
-                                study={"sampler": "random", "trials": 4})
+        path = write_experiment(
+            tmp_path,
+            **URLS,
+            evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [16], "select_limit": 8, "test_limit": 8},
+            study={"sampler": "random", "trials": 4},
+        )
         run, workers = _run_then_together(path, _env(storage, tracking), workers=1, spawned=spawned, cwd=machines)
         _wait([run, *workers])
 

@@ -17,10 +17,12 @@ from tests.search_helpers import runs_in, study_in, write_experiment
 
 SOUPSEARCH = str(Path(sys.executable).parent / "soupsearch")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-EVENT = re.compile(r"baselines [1-6]/6: parent (general|math) on (search|select|test): \d\.\d{4}"
-                   r"|building each method once before the first trial .*"
-                   r"|trials [1-3]/3: trial \d (COMPLETE|PRUNED) \d\.\d{4} on [48] items "
-                   r"\(merge \d+\.\d\d s, eval \d+\.\d\d s\); best \d\.\d{4}")
+EVENT = re.compile(
+    r"baselines [1-6]/6: parent (general|math) on (search|select|test): \d\.\d{4}"
+    r"|building each method once before the first trial .*"
+    r"|trials [1-3]/3: trial \d (COMPLETE|PRUNED) \d\.\d{4} on [48] items "
+    r"\(merge \d+\.\d\d s, eval \d+\.\d\d s\); best \d\.\d{4}"
+)
 MODEL_LIBRARIES = ("torch", "transformers", "mergekit", "lm_eval", "mlflow")
 
 
@@ -28,21 +30,27 @@ MODEL_LIBRARIES = ("torch", "transformers", "mergekit", "lm_eval", "mlflow")
 def finished(pico_zoo, tmp_path_factory):
     """A pico study that `soupsearch run` took to its end: its folder, experiment file and output."""
     folder = tmp_path_factory.mktemp("study")
-    path = write_experiment(folder, evaluation={"tasks": ["tiny_addition"], "fidelity": [4, 8], "select_limit": 8,
-                                                "test_limit": 8},
-                            study={"sampler": "tpe", "pruner": "successive_halving", "trials": 3})
-    done = subprocess.run([SOUPSEARCH, "run", str(path)], cwd=folder, env=ENV, capture_output=True, text=True,
-                          timeout=900)
+    path = write_experiment(
+        folder,
+        evaluation={"tasks": ["tiny_addition"], "fidelity": [4, 8], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "tpe", "pruner": "successive_halving", "trials": 3},
+    )
+    done = subprocess.run(
+        [SOUPSEARCH, "run", str(path)], cwd=folder, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, path, done
 
 
 def _soupsearch(folder: Path, *argv: str) -> tuple[list[str], str, str]:
     """A command in a fresh interpreter: the model libraries it imported, its stdout and its stderr."""
-    probe = (f"import json, sys; from search.cli import main; code = main({list(argv)!r}); "
-             f"print(json.dumps([m for m in {MODEL_LIBRARIES!r} if m in sys.modules])); sys.exit(code)")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=folder, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    probe = (
+        f"import json, sys; from search.cli import main; code = main({list(argv)!r}); "
+        f"print(json.dumps([m for m in {MODEL_LIBRARIES!r} if m in sys.modules])); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=folder, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     printed, _, loaded = done.stdout.rstrip("\n").rpartition("\n")
     return json.loads(loaded), printed + "\n", done.stderr
@@ -81,16 +89,24 @@ def test_experiment_opens_on_the_runs_table_and_keeps_its_artifacts_beside_the_s
     experiment = client.get_experiment_by_name("pico-slerp")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(experiment.tags["mlflow.sharedViewState.soupsearch"])
-    assert view == {"selectedColumns": ["metrics.`search/objective`", "metrics.`fidelity`", "params.`method`",
-                                        "tags.`soupsearch.state`"],
-                    "orderByKey": "metrics.`search/objective`", "orderByAsc": False}
+    assert view == {
+        "selectedColumns": [
+            "metrics.`search/objective`",
+            "metrics.`fidelity`",
+            "params.`method`",
+            "tags.`soupsearch.state`",
+        ],
+        "orderByKey": "metrics.`search/objective`",
+        "orderByAsc": False,
+    }
     artifacts = folder / "mlartifacts" / "pico-slerp"
     assert Path(experiment.artifact_location.removeprefix("file://")) == artifacts
     assert not (folder / "mlruns").exists()
     states = {t.number: t.state.name for t in study_in(folder).get_trials(deepcopy=False)}
     trials = [r for r in runs if "soupsearch.trial" in r.data.tags]
-    assert {r.info.run_name: r.data.tags["soupsearch.state"] for r in trials} == \
-        {f"trial-{n}": state for n, state in states.items()}
+    assert {r.info.run_name: r.data.tags["soupsearch.state"] for r in trials} == {
+        f"trial-{n}": state for n, state in states.items()
+    }
     assert set(states.values()) <= {TrialState.COMPLETE.name, TrialState.PRUNED.name}
     for run in trials:  # every column of the view, and the trial's config beside the store
         assert {"search/objective", "fidelity"} <= set(run.data.metrics) and run.data.params["method"] == "slerp"
@@ -104,8 +120,13 @@ def test_experiment_opens_on_the_runs_table_and_keeps_its_artifacts_beside_the_s
 def test_dashboard_shows_the_parent_and_every_trial_in_a_browser(finished, tmp_path):
     folder, _, _ = finished
     screenshot = tmp_path / "dashboard.png"
-    check = subprocess.run([sys.executable, "benchmarks/dashboard_check.py", "--folder", str(folder),
-                            "--screenshot", str(screenshot)], env=ENV, capture_output=True, text=True, timeout=900)
+    check = subprocess.run(
+        [sys.executable, "benchmarks/dashboard_check.py", "--folder", str(folder), "--screenshot", str(screenshot)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert check.returncode == 0, check.stdout + check.stderr[-3000:]
     assert "runs table lists baseline-general, baseline-math, pico-slerp, trial-0, trial-1, trial-2" in check.stdout
     assert screenshot.read_bytes().startswith(b"\x89PNG")

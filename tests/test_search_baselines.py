@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from evals.stats import stratified_paired_bootstrap
 from search.cli import main
 from search.experiment import Experiment
-from search.soup import soup_config
 from search.leaderboard import leaderboard
+from search.soup import soup_config
 from search.verdict import ITERS
 from search.workbench import Workbench
 from tests.search_helpers import PICO_SLERP, runs_in, study_in, write_experiment
@@ -43,12 +43,16 @@ def _baseline_runs(folder: Path) -> dict:
     return {r.data.tags["soupsearch.baseline"]: r for r in runs if "soupsearch.baseline" in r.data.tags}
 
 
-def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(pico_zoo, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
+    pico_zoo, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     # two rungs: a parent's search score is its top-rung score, on the items every finished trial scores
-    path = write_experiment(tmp_path, evaluation={"tasks": [TASK], "fidelity": [4, 8], "select_limit": 8,
-                                                  "test_limit": 8}, study={"sampler": "tpe", "trials": 2})
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": [TASK], "fidelity": [4, 8], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "tpe", "trials": 2},
+    )
     assert main(["run", str(path)]) == 0
     printed, progress = capsys.readouterr()
     assert "baselines" in progress  # their progress bar
@@ -77,15 +81,17 @@ def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
         assert [alias, "BASELINE", f"{rows[alias]['value']:.4f}"] in [line[:3] for line in summary]
     table = _artifact(client, parent, "leaderboard.json")  # pandas' "split" layout
     recorded = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert sorted((r["trial"], r["value"]) for r in recorded if r["state"] == "BASELINE") == \
-        sorted((alias, rows[alias]["value"]) for alias in baselines)
+    assert sorted((r["trial"], r["value"]) for r in recorded if r["state"] == "BASELINE") == sorted(
+        (alias, rows[alias]["value"]) for alias in baselines
+    )
 
     # a resumed run reads the parents back from the study: nothing is scored or logged again
     assert main(["run", str(path)]) == 0
     printed, progress = capsys.readouterr()
     assert "baselines" not in progress
-    assert [line[:2] for line in summary if "BASELINE" in line] == \
-        [line.split()[:2] for line in printed.splitlines() if "BASELINE" in line]
+    assert [line[:2] for line in summary if "BASELINE" in line] == [
+        line.split()[:2] for line in printed.splitlines() if "BASELINE" in line
+    ]
     assert main(["status", str(path)]) == 0
     assert sum("BASELINE" in line for line in capsys.readouterr().out.splitlines()) == 2
     assert len(_baseline_runs(tmp_path)) == 2
@@ -107,8 +113,9 @@ def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
         ours = _artifact(client, parent, f"export/per_item/{split}.json")["tasks"][TASK]
         theirs = _artifact(client, best, f"per_item/{split}.json")["tasks"][TASK]
         assert ours["doc_ids"] == theirs["doc_ids"]
-        reference = stratified_paired_bootstrap({TASK: ours["per_item"]}, {TASK: theirs["per_item"]}, {TASK: 1.0},
-                                                ITERS, 0)  # the experiment's seed
+        reference = stratified_paired_bootstrap(
+            {TASK: ours["per_item"]}, {TASK: theirs["per_item"]}, {TASK: 1.0}, ITERS, 0
+        )  # the experiment's seed
         said = verdict[split]["objective"]
         assert said["points"] == pytest.approx(100 * (sum(ours["per_item"]) - sum(theirs["per_item"])) / 8)
         assert (said["ci_low"], said["ci_high"]) == (100 * reference.ci_low, 100 * reference.ci_high)
@@ -133,8 +140,11 @@ def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
 
 def test_the_recorded_leaderboard_lists_each_trial_once_after_resumes(pico_zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = write_experiment(tmp_path, evaluation={"tasks": [TASK], "fidelity": [4], "select_limit": 4,
-                                                  "test_limit": 4}, study={"sampler": "random", "trials": 1})
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": [TASK], "fidelity": [4], "select_limit": 4, "test_limit": 4},
+        study={"sampler": "random", "trials": 1},
+    )
     for trials in ("1", "2", "3"):
         assert main(["run", str(path), "--trials", trials]) == 0
     client, runs = runs_in(tmp_path)

@@ -10,21 +10,34 @@ from search.experiment import Experiment, load_experiment
 from search.space import expand_warm_start, full_space, to_config
 from tests.search_helpers import PICO_SLERP, write_experiment
 
-TV = {**PICO_SLERP, "models": {"base": "zoo:pico/base", "add": "zoo:pico/specialist-addition",
-                                "sub": "zoo:pico/specialist-subtraction"}, "base_model": "base",
-      "warm_starts": [],
-      "space": {"task_arithmetic": {"weight": {"low": -1, "high": 1}, "lambda": {"low": 0.5, "high": 2}},
-                "dare_ties": {"density": {"low": 0.2, "high": 1.0}, "weight": 0.5}, "linear": {}}}
+TV = {
+    **PICO_SLERP,
+    "models": {
+        "base": "zoo:pico/base",
+        "add": "zoo:pico/specialist-addition",
+        "sub": "zoo:pico/specialist-subtraction",
+    },
+    "base_model": "base",
+    "warm_starts": [],
+    "space": {
+        "task_arithmetic": {"weight": {"low": -1, "high": 1}, "lambda": {"low": 0.5, "high": 2}},
+        "dare_ties": {"density": {"low": 0.2, "high": 1.0}, "weight": 0.5},
+        "linear": {},
+    },
+}
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"studdy": {}}, "studdy"),
-    ({"study": {"sampler": "bayes"}}, "study.sampler"),
-    ({"space": {"slerp": {"t": {"low": 1, "high": 0}}}}, "space.slerp.t"),
-    ({"space": {"ties": {"density": {"low": 0.1, "high": 1.5}}}}, "space.ties"),
-    ({"evaluation": {"tasks": ["tiny_gsm8k"], "fidelity": [16, 8]}}, "evaluation"),
-    ({"base_model": "nobody"}, "base_model"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"studdy": {}}, "studdy"),
+        ({"study": {"sampler": "bayes"}}, "study.sampler"),
+        ({"space": {"slerp": {"t": {"low": 1, "high": 0}}}}, "space.slerp.t"),
+        ({"space": {"ties": {"density": {"low": 0.1, "high": 1.5}}}}, "space.ties"),
+        ({"evaluation": {"tasks": ["tiny_gsm8k"], "fidelity": [16, 8]}}, "evaluation"),
+        ({"base_model": "nobody"}, "base_model"),
+    ],
+)
 def test_bad_experiment_exits_2_naming_the_key(tmp_path, capsys, change, key):
     path = write_experiment(tmp_path, **change)
     assert main(["validate", str(path)]) == 2
@@ -58,9 +71,11 @@ def test_openmath_warm_start_is_the_seed_gradient():
     experiment = load_experiment("experiments/openmath.yaml")
     params = expand_warm_start(experiment, experiment.warm_starts[0], "warm_starts[0]")
     config = to_config(experiment, params, {a: r for a, r in experiment.models.items()})
-    assert config["parameters"]["t"] == [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                         {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                                         {"value": [0.5] * 5}]
+    assert config["parameters"]["t"] == [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+        {"value": [0.5] * 5},
+    ]
     assert config["base_model"] == "EmbeddedLLM/Mistral-7B-Merge-14-v0.1"
     assert load_config(config).merge_method == "slerp"
 
@@ -68,9 +83,11 @@ def test_openmath_warm_start_is_the_seed_gradient():
 def test_gradient_t_reaches_each_tensor_as_mergekit_interpolates(pico_zoo):
     experiment = Experiment.model_validate({**PICO_SLERP, "space": {"slerp": {"anchors": 3}}})
     refs = {"general": str(pico_zoo / "general"), "math": str(pico_zoo / "specialist-gsm8k")}
-    params = {f"slerp/t/{f}/{i}": v for f, values in
-              {"self_attn": [0.1, 0.5, 0.9], "mlp": [0.2, 0.6, 0.8], "rest": [0.3, 0.4, 0.7]}.items()
-              for i, v in enumerate(values)}
+    params = {
+        f"slerp/t/{f}/{i}": v
+        for f, values in {"self_attn": [0.1, 0.5, 0.9], "mlp": [0.2, 0.6, 0.8], "rest": [0.3, 0.4, 0.7]}.items()
+        for i, v in enumerate(values)
+    }
     plan = Engine(Parents.open(refs.values())).plan(to_config(experiment, params, refs))
     t = {job.name: job.shared["t"] for job in plan.jobs}
     # pico has 2 layers: t = idx/(n-1) is 0 then 1, so layer 0 takes the first anchor, layer 1 the last
@@ -88,16 +105,30 @@ def test_method_choice_gives_conditional_valid_configs(pico_zoo):
     assert "dare_ties/weight/add" not in space  # fixed at 0.5, not searched
     refs = {alias: str(pico_zoo / ref.split("/")[1]) for alias, ref in TV["models"].items()}
     engine = Engine(Parents.open(refs.values()))
-    negated = to_config(experiment, {"method": "task_arithmetic", "task_arithmetic/weight/add": 1.0,
-                                     "task_arithmetic/weight/sub": -0.5, "task_arithmetic/lambda": 1.5}, refs)
+    negated = to_config(
+        experiment,
+        {
+            "method": "task_arithmetic",
+            "task_arithmetic/weight/add": 1.0,
+            "task_arithmetic/weight/sub": -0.5,
+            "task_arithmetic/lambda": 1.5,
+        },
+        refs,
+    )
     assert negated["parameters"] == {"lambda": 1.5}
     assert [m["parameters"]["weight"] for m in negated["models"]] == [1.0, -0.5]
-    dare = to_config(experiment, {"method": "dare_ties", "dare_ties/density/add": 0.3,
-                                  "dare_ties/density/sub": 0.9}, refs)
-    assert [m["parameters"] for m in dare["models"]] == [{"weight": 0.5, "density": 0.3},
-                                                          {"weight": 0.5, "density": 0.9}]
-    linear = to_config(experiment, {"method": "linear", "linear/weight/base": 0.2, "linear/weight/add": 0.3,
-                                    "linear/weight/sub": 0.5}, refs)
+    dare = to_config(
+        experiment, {"method": "dare_ties", "dare_ties/density/add": 0.3, "dare_ties/density/sub": 0.9}, refs
+    )
+    assert [m["parameters"] for m in dare["models"]] == [
+        {"weight": 0.5, "density": 0.3},
+        {"weight": 0.5, "density": 0.9},
+    ]
+    linear = to_config(
+        experiment,
+        {"method": "linear", "linear/weight/base": 0.2, "linear/weight/add": 0.3, "linear/weight/sub": 0.5},
+        refs,
+    )
     assert linear["parameters"] == {"normalize": True} and len(linear["models"]) == 3
     for config in (negated, dare, linear):
         engine.plan(yaml.safe_load(yaml.safe_dump(config)))  # round-trips through YAML and plans
@@ -115,21 +146,31 @@ def test_validate_load_plans_against_weights_and_rejects_unmergeable_parents(pic
     config.intermediate_size *= 2  # same architecture, other MLP shapes: no merge is possible
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wider")
     assert json.loads((tmp_path / "wider" / "config.json").read_text())["intermediate_size"] == config.intermediate_size
-    wider = write_experiment(tmp_path, name="wider.yaml",
-                             models={"general": "zoo:pico/general", "math": str(tmp_path / "wider")})
+    wider = write_experiment(
+        tmp_path, name="wider.yaml", models={"general": "zoo:pico/general", "math": str(tmp_path / "wider")}
+    )
     assert main(["validate", str(wider)]) == 0  # shapes are only known once the weights are opened
     assert main(["validate", str(wider), "--load"]) == 2
     assert "mlp" in capsys.readouterr().err
 
 
 def test_per_layer_group_density_is_a_gradient_mergekit_interpolates(pico_zoo):
-    experiment = Experiment.model_validate({**TV, "space": {"ties": {"density": {"low": 0.1, "high": 1.0},
-                                                                     "weight": 1.0, "anchors": 2}}})
-    assert [n for n in full_space(experiment)] == ["ties/density/add/0", "ties/density/add/1",
-                                                    "ties/density/sub/0", "ties/density/sub/1"]
+    experiment = Experiment.model_validate(
+        {**TV, "space": {"ties": {"density": {"low": 0.1, "high": 1.0}, "weight": 1.0, "anchors": 2}}}
+    )
+    assert [n for n in full_space(experiment)] == [
+        "ties/density/add/0",
+        "ties/density/add/1",
+        "ties/density/sub/0",
+        "ties/density/sub/1",
+    ]
     refs = {alias: str(pico_zoo / ref.split("/")[1]) for alias, ref in TV["models"].items()}
-    params = {"ties/density/add/0": 0.2, "ties/density/add/1": 0.6, "ties/density/sub/0": 0.3,
-              "ties/density/sub/1": 0.9}
+    params = {
+        "ties/density/add/0": 0.2,
+        "ties/density/add/1": 0.6,
+        "ties/density/sub/0": 0.3,
+        "ties/density/sub/1": 0.9,
+    }
     config = to_config(experiment, params, refs)
     assert config["models"][0]["parameters"] == {"weight": 1.0, "density": [0.2, 0.6]}
     plan = Engine(Parents.open(refs.values())).plan(config)

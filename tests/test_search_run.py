@@ -48,16 +48,20 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
         assert run.data.params["seed"] == str(trial.user_attrs["seed"])
         assert trial.user_attrs["batch_size"] >= 1  # what export re-scores the winner with
         config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
-        assert config["parameters"]["t"][0]["value"] == [trial.params["slerp/t/self_attn/0"],
-                                                         trial.params["slerp/t/self_attn/1"]]
+        assert config["parameters"]["t"][0]["value"] == [
+            trial.params["slerp/t/self_attn/0"],
+            trial.params["slerp/t/self_attn/1"],
+        ]
         load_config(config)
         per_item = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "per_item.json")).read_text())
         items = per_item["tasks"]["tiny_gsm8k"]["per_item"]
         assert len(items) == 8 and sum(items) / 8 == pytest.approx(trial.value)
     parent = parents[0].info.run_id
     best = Path(client.download_artifacts(parent, "best_config.yaml")).read_text()
-    assert best == Path(client.download_artifacts(by_number[study.best_trial.number].info.run_id,
-                                                  "config.yaml")).read_text()
+    assert (
+        best
+        == Path(client.download_artifacts(by_number[study.best_trial.number].info.run_id, "config.yaml")).read_text()
+    )
     assert {"leaderboard.json", "plots"} <= {a.path for a in client.list_artifacts(parent)}
     plots = {a.path: a.file_size for a in client.list_artifacts(parent, "plots")}
     for name in ("optimization_history", "param_importances"):
@@ -72,8 +76,13 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
     assert "| test | tiny_gsm8k |" in (out / "README.md").read_text()
     # SLERP is deterministic: mergekit-yaml on the exported YAML must give the exported weights
     reference = tmp_path / "mergekit"
-    subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(out / "mergekit_config.yml"),
-                    str(reference)], check=True, env=ENV, capture_output=True, timeout=600)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "mergekit-yaml"), str(out / "mergekit_config.yml"), str(reference)],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        timeout=600,
+    )
     ours, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -82,9 +91,11 @@ def test_run_tracks_every_trial_and_export_matches_mergekit(pico_zoo, tmp_path, 
 
 def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_path):
     # the parents' baselines are scored before the first trial: on a few select and test items only
-    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [64], "select_limit": 8,
-                                                  "test_limit": 8},
-                            study={"sampler": "random", "trials": 4})
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [64], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "trials": 4},
+    )
     command = [sys.executable, "-m", "search.cli", "run", str(path)]
     worker = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
@@ -118,7 +129,10 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
     assert "interrupted" in retry[0].user_attrs["retry_reason"]
     note = {row["trial"]: row["note"] for row in leaderboard(study_in(tmp_path))}[killed.number]
     assert note.startswith("interrupted") and note.endswith(f"re-run as trial {retry[0].number}")
-    assert retry[0].params == killed.params == failed[0].params and retry[0].user_attrs["seed"] == killed.user_attrs["seed"]
+    assert (
+        retry[0].params == killed.params == failed[0].params
+        and retry[0].user_attrs["seed"] == killed.user_attrs["seed"]
+    )
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no duplicate trial
     client, runs = runs_in(tmp_path)
     states = {int(r.data.tags["soupsearch.trial"]): r.info.status for r in runs if "soupsearch.trial" in r.data.tags}
@@ -129,15 +143,19 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
 def test_journal_lock_left_by_a_process_killed_mid_write_is_broken_after_the_grace_period(tmp_path):
     """The default journal path is relative; Optuna's lock is a symlink to that path, which dangled,
     so a run after a kill mid-write spun forever instead of breaking the stale lock after 30 s."""
-    dies_holding_the_lock = ("import os; from search.storage import open_storage; "
-                             "open_storage(None)._backend._lock.acquire(); os._exit(0)")
+    dies_holding_the_lock = (
+        "import os; from search.storage import open_storage; open_storage(None)._backend._lock.acquire(); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", dies_holding_the_lock], cwd=tmp_path, env=ENV, check=True, timeout=120)
     assert (tmp_path / ".soupsearch" / "journal.log.lock").is_symlink()
-    opens_the_study = ("import optuna; from search.storage import open_storage; "
-                       "optuna.create_study(study_name='s', storage=open_storage(None)); print('created')")
+    opens_the_study = (
+        "import optuna; from search.storage import open_storage; "
+        "optuna.create_study(study_name='s', storage=open_storage(None)); print('created')"
+    )
     started = time.monotonic()
-    after = subprocess.run([sys.executable, "-c", opens_the_study], cwd=tmp_path, env=ENV, capture_output=True,
-                           text=True, timeout=150)
+    after = subprocess.run(
+        [sys.executable, "-c", opens_the_study], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=150
+    )
     assert after.returncode == 0 and after.stdout.strip() == "created", after.stderr[-2000:]
     assert 30 <= time.monotonic() - started < 150  # Optuna's grace period, then on
     assert not (tmp_path / ".soupsearch" / "journal.log.lock").is_symlink()
@@ -146,11 +164,16 @@ def test_journal_lock_left_by_a_process_killed_mid_write_is_broken_after_the_gra
 def test_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(pico_zoo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # weights past float32's range make the normalized linear merge inf/inf = NaN: the candidate fails
-    path = write_experiment(tmp_path, space={"linear": {"weight": {"low": 0, "high": 1e39}}},
-                            warm_starts=[{"linear/weight/general": 1, "linear/weight/math": 1},
-                                         {"linear/weight/general": 1e39, "linear/weight/math": 1e39},
-                                         {"linear/weight/general": 1, "linear/weight/math": 3}],
-                            study={"trials": 2})
+    path = write_experiment(
+        tmp_path,
+        space={"linear": {"weight": {"low": 0, "high": 1e39}}},
+        warm_starts=[
+            {"linear/weight/general": 1, "linear/weight/math": 1},
+            {"linear/weight/general": 1e39, "linear/weight/math": 1e39},
+            {"linear/weight/general": 1, "linear/weight/math": 3},
+        ],
+        study={"trials": 2},
+    )
     assert main(["run", str(path)]) == 0
     assert "2 complete, 1 fail" in capsys.readouterr().out
     trials = study_in(tmp_path).get_trials(deepcopy=False)
@@ -187,14 +210,25 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     import json
     import urllib.request
 
-    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8,
-                                                  "test_limit": 8},
-                            study={"sampler": "random", "trials": 1})
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "trials": 1},
+    )
     command = [sys.executable, "-m", "search.cli"]
     subprocess.run([*command, "run", str(path)], cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600)
     # two workers started together on the study that `run` created
-    workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "9"], cwd=tmp_path, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [*command, "worker", str(path), "--trials", "9"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for worker in workers:  # communicate: a full stderr pipe must not block a worker
         _, errors = worker.communicate(timeout=600)
         assert worker.returncode == 0, errors[-2000:]
@@ -204,9 +238,14 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete)
 
     port = _free_port()
-    dashboard = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--port", str(port)],
-                                 cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", "--port", str(port)],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
         deadline, found = time.monotonic() + 90, None
@@ -216,8 +255,11 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
                     found = json.load(answer)["experiment"]["experiment_id"]
             except OSError:
                 time.sleep(0.5)
-        request = urllib.request.Request(f"{api}/runs/search", data=json.dumps({"experiment_ids": [found]}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{api}/runs/search",
+            data=json.dumps({"experiment_ids": [found]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request) as answer:
             runs = json.load(answer)["runs"]
     finally:
@@ -230,11 +272,18 @@ def test_worker_shares_the_study_and_dashboard_serves_it(pico_zoo, tmp_path):
 
 
 def test_same_seed_gives_the_same_study_and_dare_export_reproduces_it(pico_zoo, tmp_path, monkeypatch):
-    dare = {"models": {"base": "zoo:pico/base", "add": "zoo:pico/specialist-addition",
-                       "sub": "zoo:pico/specialist-subtraction"}, "base_model": "base", "warm_starts": [],
-            "space": {"dare_ties": {"density": {"low": 0.2, "high": 0.8}, "weight": {"low": 0.2, "high": 1.0}}},
-            "evaluation": {"tasks": ["tiny_addition"], "fidelity": [8], "select_limit": 8, "test_limit": 8},
-            "study": {"sampler": "tpe", "trials": 2, "select_top": 2}}
+    dare = {
+        "models": {
+            "base": "zoo:pico/base",
+            "add": "zoo:pico/specialist-addition",
+            "sub": "zoo:pico/specialist-subtraction",
+        },
+        "base_model": "base",
+        "warm_starts": [],
+        "space": {"dare_ties": {"density": {"low": 0.2, "high": 0.8}, "weight": {"low": 0.2, "high": 1.0}}},
+        "evaluation": {"tasks": ["tiny_addition"], "fidelity": [8], "select_limit": 8, "test_limit": 8},
+        "study": {"sampler": "tpe", "trials": 2, "select_top": 2},
+    }
     results = []
     for folder in (tmp_path / "a", tmp_path / "b"):
         folder.mkdir()
@@ -256,8 +305,14 @@ def test_the_last_process_to_stop_records_every_finished_trial_once(pico_zoo, tm
     path = write_experiment(tmp_path, study={"sampler": "random", "trials": 6})
     command = [sys.executable, "-m", "search.cli"]
     # `run` stops at 2 finished trials while the workers go on to 6: a worker must record the study
-    run = subprocess.Popen([*command, "run", str(path), "--trials", "2"], cwd=tmp_path, env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [*command, "run", str(path), "--trials", "2"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and run.poll() is None:
         try:
@@ -265,13 +320,23 @@ def test_the_last_process_to_stop_records_every_finished_trial_once(pico_zoo, tm
             break
         except (KeyError, FileNotFoundError, ValueError):
             time.sleep(0.2)
-    workers = [subprocess.Popen([*command, "worker", str(path), "--trials", "6"], cwd=tmp_path, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [*command, "worker", str(path), "--trials", "6"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for process in [run, *workers]:  # communicate: a full stderr pipe must not block a process
         _, errors = process.communicate(timeout=600)
         assert process.returncode == 0, errors[-2000:]
-    finished = [t.number for t in study_in(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                         TrialState.PRUNED))]
+    finished = [
+        t.number for t in study_in(tmp_path).get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    ]
     client, runs = runs_in(tmp_path)
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0].info.run_id
     table = json.loads(Path(client.download_artifacts(parent, "leaderboard.json")).read_text())
@@ -282,16 +347,18 @@ def test_the_last_process_to_stop_records_every_finished_trial_once(pico_zoo, tm
 
 def test_each_fidelity_rung_is_logged_at_its_number_of_items(pico_zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = write_experiment(tmp_path, evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [4, 8], "select_limit": 8,
-                                                  "test_limit": 8}, study={"sampler": "random", "trials": 1})
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [4, 8], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "trials": 1},
+    )
     assert main(["run", str(path)]) == 0
     client, runs = runs_in(tmp_path)
     trial_run = [r for r in runs if "soupsearch.trial" in r.data.tags][0].info.run_id
     assert [m.step for m in client.get_metric_history(trial_run, "search/objective")] == [4, 8]
 
 
-def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_interrupted(tmp_path, monkeypatch,
-                                                                                           capsys):
+def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_interrupted(tmp_path, monkeypatch, capsys):
     import socket
     from datetime import timedelta
 
@@ -299,8 +366,8 @@ def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_int
 
     from search import storage as storage_module
     from search.experiment import load_experiment
-    from search.study import Settings, open_study
     from search.storage import recover_interrupted
+    from search.study import Settings, open_study
 
     monkeypatch.chdir(tmp_path)
     path = write_experiment(tmp_path)

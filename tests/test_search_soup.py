@@ -14,11 +14,14 @@ from search.study import Settings
 from search.verdict import ITERS
 from tests.search_helpers import PICO_SLERP
 
-SOUP = {**{k: v for k, v in PICO_SLERP.items() if k not in ("space", "warm_starts", "study")},
-        "name": "pico-soup",
-        "models": {f"i{i}": f"zoo:pico/ingredient-0{i}" for i in range(4)}, "base_model": "i0",
-        "soup": {"ingredients": ["i0", "i1", "i2", "i3"]},
-        "evaluation": {"tasks": ["tiny_gsm8k"], "select_limit": 48, "test_limit": 24}}
+SOUP = {
+    **{k: v for k, v in PICO_SLERP.items() if k not in ("space", "warm_starts", "study")},
+    "name": "pico-soup",
+    "models": {f"i{i}": f"zoo:pico/ingredient-0{i}" for i in range(4)},
+    "base_model": "i0",
+    "soup": {"ingredients": ["i0", "i1", "i2", "i3"]},
+    "evaluation": {"tasks": ["tiny_gsm8k"], "select_limit": 48, "test_limit": 24},
+}
 
 
 def test_greedy_soup_follows_the_paper_and_never_ends_below_best_single(pico_zoo, tmp_path, monkeypatch):
@@ -36,7 +39,9 @@ def test_greedy_soup_follows_the_paper_and_never_ends_below_best_single(pico_zoo
     steps = {r.data.params["soup"]: r.data.metrics for r in runs if "soup" in r.data.params}
     alone = {name: steps[f"ingredient {name}"]["select/objective"] for name in uniform.members}
     assert single.members == [max(alone, key=alone.get)]
-    assert steps["ingredient " + single.members[0]]["select/objective"] == pytest.approx(single.select["tiny_gsm8k"].mean)
+    assert steps["ingredient " + single.members[0]]["select/objective"] == pytest.approx(
+        single.select["tiny_gsm8k"].mean
+    )
     # one strict pass: an ingredient joined exactly when its try beat the soup it was tried on
     ranked = sorted(alone, key=lambda n: -alone[n])
     soup_score, members = alone[ranked[0]], [ranked[0]]
@@ -48,15 +53,17 @@ def test_greedy_soup_follows_the_paper_and_never_ends_below_best_single(pico_zoo
     # 4 alone and 3 greedy tries on select, then the uniform soup; on test both soups and the 4 alone
     assert len(runs) == 1 + 2 * 4 + 2 + 4
     alone_runs = [r for r in runs if "soupsearch.baseline" in r.data.tags]
-    assert sorted((r.data.tags["soupsearch.baseline"], r.data.params["split"]) for r in alone_runs) == \
-        sorted((name, split) for name in uniform.members for split in ("select", "test"))
+    assert sorted((r.data.tags["soupsearch.baseline"], r.data.params["split"]) for r in alone_runs) == sorted(
+        (name, split) for name in uniform.members for split in ("select", "test")
+    )
 
     # the greedy soup against its best ingredient, chosen on select, recomputed from the per-item scores
     verdict = souper.verdict
     assert verdict.best_parent == single.members[0]
     tests = {r.data.tags["soupsearch.baseline"]: r for r in alone_runs if r.data.params["split"] == "test"}
-    theirs = json.loads(Path(client.download_artifacts(tests[verdict.best_parent].info.run_id,
-                                                       "per_item.json")).read_text())["tasks"]["tiny_gsm8k"]
+    theirs = json.loads(
+        Path(client.download_artifacts(tests[verdict.best_parent].info.run_id, "per_item.json")).read_text()
+    )["tasks"]["tiny_gsm8k"]
     assert theirs["per_item"] == single.test["tiny_gsm8k"].per_item
     ours = greedy.test["tiny_gsm8k"]
     assert ours.doc_ids == theirs["doc_ids"]

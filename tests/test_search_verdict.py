@@ -2,8 +2,8 @@
 
 import pytest
 
-from evals.results import EvalResult, TaskScore
 from evals.objectives import Objective
+from evals.results import EvalResult, TaskScore
 from evals.stats import stratified_paired_bootstrap
 from search.verdict import ITERS, OBJECTIVE, Comparison, compare
 
@@ -21,22 +21,33 @@ def _items(correct: int, n: int = 20) -> list[float]:
 
 
 def test_sentences_read_as_specified():
-    assert (Comparison("test", OBJECTIVE, 6.5, 2.0, 11.0).sentence()
-            == "beats its best parent on test (+6.5 points, 95% CI [+2.0, +11.0])")
-    assert (Comparison("test", OBJECTIVE, -4.0, -9.0, 1.0).sentence()
-            == "does not beat its best parent on test (-4.0 points, 95% CI [-9.0, +1.0])")
+    assert (
+        Comparison("test", OBJECTIVE, 6.5, 2.0, 11.0).sentence()
+        == "beats its best parent on test (+6.5 points, 95% CI [+2.0, +11.0])"
+    )
+    assert (
+        Comparison("test", OBJECTIVE, -4.0, -9.0, 1.0).sentence()
+        == "does not beat its best parent on test (-4.0 points, 95% CI [-9.0, +1.0])"
+    )
     # no gain is no win; the interval's side of 0 is recorded beside the point estimate
     assert not Comparison("select", OBJECTIVE, 0.0, -5.0, 5.0).beats
     assert Comparison("test", OBJECTIVE, 6.5, 2.0, 11.0).ci_excludes_zero
     assert not Comparison("test", OBJECTIVE, 3.0, -1.0, 7.0).ci_excludes_zero
+    # a gain within the noise says so
+    assert (
+        Comparison("test", OBJECTIVE, 3.0, -1.0, 7.0).sentence()
+        == "beats its best parent on test (+3.0 points, 95% CI [-1.0, +7.0]; not significant: the interval includes 0)"
+    )
 
 
 def test_best_parent_is_chosen_on_select_never_on_test():
     objective = Objective(weights={"t": 1.0})
     winner = {"select": _result("select", t=_items(14)), "test": _result("test", t=_items(10))}
     # "sharp" is best on select (12 of 20) but worst on test; "broad" would win on test
-    parents = {"broad": {"select": _result("select", t=_items(8)), "test": _result("test", t=_items(18))},
-               "sharp": {"select": _result("select", t=_items(12)), "test": _result("test", t=_items(4))}}
+    parents = {
+        "broad": {"select": _result("select", t=_items(8)), "test": _result("test", t=_items(18))},
+        "sharp": {"select": _result("select", t=_items(12)), "test": _result("test", t=_items(4))},
+    }
     verdict = compare("trial 7", winner, parents, objective, seed=3)
     assert verdict.best_parent == "sharp"
     test = next(c for c in verdict.comparisons if c.split == "test")
@@ -67,8 +78,13 @@ def test_a_weighted_objective_is_judged_as_a_whole_and_task_by_task():
     # add: +25 points, gsm: -20 points; the objective weighs them 3:1
     assert test["add"].points == pytest.approx(25.0) and test["gsm"].points == pytest.approx(-20.0)
     assert test[OBJECTIVE].points == pytest.approx((3 * 25.0 - 20.0) / 4)
-    reference = stratified_paired_bootstrap({"add": _items(15), "gsm": _items(4, n=10)},
-                                            {"add": _items(10), "gsm": _items(6, n=10)}, objective.weights, ITERS, 0)
+    reference = stratified_paired_bootstrap(
+        {"add": _items(15), "gsm": _items(4, n=10)},
+        {"add": _items(10), "gsm": _items(6, n=10)},
+        objective.weights,
+        ITERS,
+        0,
+    )
     assert (test[OBJECTIVE].ci_low, test[OBJECTIVE].ci_high) == (100 * reference.ci_low, 100 * reference.ci_high)
     lines = verdict.lines()
     assert f"trial 2 {test[OBJECTIVE].sentence()}" in lines

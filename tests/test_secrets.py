@@ -14,15 +14,20 @@ from tests.search_helpers import write_experiment
 PASSWORD = "s3cr%40t-hunter2"  # percent-encoded "@": drivers may print either form
 
 
-@pytest.mark.parametrize("url, shown", [
-    (f"postgresql://soup:{PASSWORD}@db.example:5432/soup", "postgresql://soup:***@db.example:5432/soup"),
-    (f"postgresql+psycopg://soup:{PASSWORD}@db/soup?sslmode=require",
-     "postgresql+psycopg://soup:***@db/soup?sslmode=require"),
-    (f"https://me:{PASSWORD}@mlflow.example/", "https://me:***@mlflow.example/"),
-    ("postgresql://soup@db/soup", "postgresql://soup@db/soup"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-    (".soupsearch/journal.log", ".soupsearch/journal.log"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (f"postgresql://soup:{PASSWORD}@db.example:5432/soup", "postgresql://soup:***@db.example:5432/soup"),
+        (
+            f"postgresql+psycopg://soup:{PASSWORD}@db/soup?sslmode=require",
+            "postgresql+psycopg://soup:***@db/soup?sslmode=require",
+        ),
+        (f"https://me:{PASSWORD}@mlflow.example/", "https://me:***@mlflow.example/"),
+        ("postgresql://soup@db/soup", "postgresql://soup@db/soup"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        (".soupsearch/journal.log", ".soupsearch/journal.log"),
+    ],
+)
 def test_urls_show_no_password(url, shown):
     assert masked(url) == shown
 
@@ -47,8 +52,9 @@ def test_a_missing_postgresql_driver_names_the_extra():
 def test_urls_come_from_the_environment_and_are_masked_in_every_dump(tmp_path, monkeypatch):
     monkeypatch.setenv("SOUP_TEST_STORAGE", f"postgresql://soup:{PASSWORD}@db/soup")
     monkeypatch.setenv("SOUP_TEST_DIR", str(tmp_path))
-    experiment = load_experiment(write_experiment(tmp_path, storage="${SOUP_TEST_STORAGE}",
-                                                  tracking_uri="sqlite:///${SOUP_TEST_DIR}/mlflow.db"))
+    experiment = load_experiment(
+        write_experiment(tmp_path, storage="${SOUP_TEST_STORAGE}", tracking_uri="sqlite:///${SOUP_TEST_DIR}/mlflow.db")
+    )
     assert experiment.storage == f"postgresql://soup:{PASSWORD}@db/soup"
     assert experiment.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     dumped = experiment.model_dump(mode="json", by_alias=True)
@@ -62,8 +68,9 @@ def test_a_study_records_no_password_anywhere(pico_zoo, tmp_path, monkeypatch, c
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SOUP_TEST_PASSWORD", PASSWORD)
-    path = write_experiment(tmp_path, storage="postgresql://soup:${SOUP_TEST_PASSWORD}@127.0.0.1:1/soup",
-                            study={"trials": 1})
+    path = write_experiment(
+        tmp_path, storage="postgresql://soup:${SOUP_TEST_PASSWORD}@127.0.0.1:1/soup", study={"trials": 1}
+    )
     assert main(["run", str(path), "--storage", str(tmp_path / "journal.log")]) == 0
     assert main(["run", str(path)]) == 2  # the experiment's own storage: refused, password masked
     said = capsys.readouterr()
@@ -82,11 +89,14 @@ def test_a_study_records_no_password_anywhere(pico_zoo, tmp_path, monkeypatch, c
                 if artifact.is_dir:
                     folders.append(artifact.path)
                     continue
-                data = Path(client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path / "dl"))).read_bytes()
+                data = Path(
+                    client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path / "dl"))
+                ).read_bytes()
                 assert PASSWORD.encode() not in data and b"s3cr@t" not in data, artifact.path
                 seen.append(artifact.path)
     assert "experiment.yaml" in seen
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    logged = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "experiment.yaml",
-                                                           str(tmp_path / "dl"))).read_text())
+    logged = yaml.safe_load(
+        Path(client.download_artifacts(parent.info.run_id, "experiment.yaml", str(tmp_path / "dl"))).read_text()
+    )
     assert logged["storage"] == "postgresql://soup:***@127.0.0.1:1/soup"

@@ -66,8 +66,9 @@ def test_constant_differences_give_a_zero_width_interval_at_that_constant():
     one = stratified_paired_bootstrap({"t": [x + 0.25 for x in b]}, {"t": b}, {"t": 1.0}, iters=2000)
     assert (one.mean, one.ci_low, one.ci_high, one.p_value) == (0.25, 0.25, 0.25, 0.0)
     # per task constant: the weighted mean of the constants, 3/4 * 0.25 + 1/4 * -0.5
-    two = stratified_paired_bootstrap({"x": [x + 0.25 for x in b], "y": [0.0] * 6}, {"x": b, "y": [0.5] * 6},
-                                      {"x": 3.0, "y": 1.0}, iters=2000)
+    two = stratified_paired_bootstrap(
+        {"x": [x + 0.25 for x in b], "y": [0.0] * 6}, {"x": b, "y": [0.5] * 6}, {"x": 3.0, "y": 1.0}, iters=2000
+    )
     assert (two.mean, two.ci_low, two.ci_high) == (0.0625, 0.0625, 0.0625)
 
 
@@ -83,9 +84,9 @@ def test_weighted_two_task_interval_matches_the_stratified_closed_form_variance(
     dy = [a - b for a, b in zip(y_a, y_b)]
     mean = 3 / 4 * sum(dx) / 150 + 1 / 4 * sum(dy) / 50
     sd = math.sqrt((3 / 4) ** 2 * _plug_in_variance(dx) / 150 + (1 / 4) ** 2 * _plug_in_variance(dy) / 50)
-    result = stratified_paired_bootstrap({"x": x_a, "y": y_a}, {"x": x_b, "y": y_b}, {"x": 3.0, "y": 1.0},
-                                         iters=40_000, seed=3)
+    result = stratified_paired_bootstrap(
+        {"x": x_a, "y": y_a}, {"x": x_b, "y": y_b}, {"x": 3.0, "y": 1.0}, iters=40_000, seed=3
+    )
     assert result.mean == pytest.approx(mean, abs=1e-15)
     assert result.ci_low == pytest.approx(mean - 1.959964 * sd, abs=0.1 * sd)
     assert result.ci_high == pytest.approx(mean + 1.959964 * sd, abs=0.1 * sd)
-

@@ -9,8 +9,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search.cli import main
-from search.study import TrialRunner, Settings
 from search.storage import open_storage
+from search.study import Settings, TrialRunner
 from search.tracking import _environment
 from tests.search_helpers import runs_in, write_experiment
 
@@ -59,8 +59,14 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_rerun_with_its_seed(tmp_pat
 
 
 def test_settings_show_no_password_and_the_tracking_probe_restores_the_environment(monkeypatch):
-    settings = Settings(trials=1, timeout=None, storage="postgresql://soup:hunter2@db/soup",
-                        tracking_uri="https://me:hunter2@mlflow.example/", device="cpu", seed=0)
+    settings = Settings(
+        trials=1,
+        timeout=None,
+        storage="postgresql://soup:hunter2@db/soup",
+        tracking_uri="https://me:hunter2@mlflow.example/",
+        device="cpu",
+        seed=0,
+    )
     shown = f"{settings} {settings!r}"
     assert "hunter2" not in shown and "postgresql://soup:***@db/soup" in shown
     assert settings.storage == "postgresql://soup:hunter2@db/soup"  # the real one, to connect with

@@ -209,8 +209,9 @@ def test_recipes_are_hashed_into_their_folder_names():
 def test_two_processes_on_a_cold_cache_share_one_build(tmp_path):
     code = "from zoo.build import open_zoo; print(open_zoo('pico', progress=False))"
     env = {**os.environ, "SOUPSEARCH_CACHE": str(tmp_path)}
-    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=600)[0].strip() for run in runs]
     assert all(run.returncode == 0 for run in runs)
     assert outputs[0] == outputs[1] == str(tmp_path / "zoo" / PICO.folder_name)
@@ -233,9 +234,9 @@ def test_answer_accuracy_is_greedy_decodings_exact_match():
     solved = []
     for item in items:
         prompt = tokenizer(format_prompt(item), return_tensors="pt")["input_ids"]
-        answer = tokenizer(f"{format_prompt(item)} {item['answer']}")["input_ids"][prompt.shape[1]:]
+        answer = tokenizer(f"{format_prompt(item)} {item['answer']}")["input_ids"][prompt.shape[1] :]
         out = model.generate(prompt, max_new_tokens=len(answer), do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        solved.append(out[0, prompt.shape[1]:].tolist() == answer)
+        solved.append(out[0, prompt.shape[1] :].tolist() == answer)
     assert 0 < sum(solved) < len(solved)  # a probe that can tell models apart
     assert answer_accuracy(model, tokenizer, items) == sum(solved) / len(solved)
 

@@ -26,10 +26,10 @@ from tqdm import tqdm
 from atomic import atomic_folder, atomic_write_text, clear_leftovers
 from evals.tasks import cache_root
 from evals.tasks.synthetic import eval_items, format_document, training_stream
+from user_input import UserError
 from zoo.recipe import ARITHMETIC, TASKS, WORD_PROBLEMS, Recipe, recipe_for
 from zoo.tokenizer import train_tokenizer
 from zoo.train import answer_accuracy, mixture, new_model, train
-from user_input import UserError
 
 MANIFEST = "manifest.json"
 PUBLISHED = Path(__file__).parent / "published"
@@ -53,8 +53,9 @@ def _sha256(path: Path) -> str:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
 
 
 def verify(folder: Path) -> dict:
@@ -93,8 +94,10 @@ def differences(recipe: Recipe, manifest: dict) -> list[str]:
     """Files in which a zoo's manifest differs from the published lock (missing, extra or other bits)."""
     entry = read_lock().get(recipe.name)
     if entry is None or entry["folder"] != recipe.folder_name:
-        raise ZooError(f"zoo {recipe.folder_name}: not published (zoo.lock.json has "
-                       f"{entry['folder'] if entry else 'no ' + recipe.name + ' entry'})")
+        raise ZooError(
+            f"zoo {recipe.folder_name}: not published (zoo.lock.json has "
+            f"{entry['folder'] if entry else 'no ' + recipe.name + ' entry'})"
+        )
     expected, actual = entry["files"], manifest["files"]
     return sorted(f for f in expected.keys() | actual.keys() if expected.get(f) != actual.get(f))
 
@@ -149,8 +152,14 @@ def _install(recipe: Recipe, fill: Callable[[Path], None], source: str, reuse: b
         clear_leftovers(folder)  # of a killed build
         with atomic_folder(folder, replace=True) as staging:
             fill(staging)
-            manifest = {"recipe": asdict(recipe), "digest": recipe.digest, "models": recipe.models,
-                        "source": source, "torch": torch.__version__, "files": _digests(staging)}
+            manifest = {
+                "recipe": asdict(recipe),
+                "digest": recipe.digest,
+                "models": recipe.models,
+                "source": source,
+                "torch": torch.__version__,
+                "files": _digests(staging),
+            }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return folder
 
@@ -163,9 +172,14 @@ def publish(recipe: Recipe) -> Path:
     target = PUBLISHED / recipe.name
     with atomic_folder(target, replace=True) as staging:
         shutil.copytree(zoo_dir(recipe), staging, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
-    lock = read_lock() | {recipe.name: {"folder": recipe.folder_name, "torch": manifest["torch"],
-                                        "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
-                                        "files": manifest["files"]}}
+    lock = read_lock() | {
+        recipe.name: {
+            "folder": recipe.folder_name,
+            "torch": manifest["torch"],
+            "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
+            "files": manifest["files"],
+        }
+    }
     atomic_write_text(LOCK, json.dumps(lock, indent=1, sort_keys=True) + "\n")
     return target
 
@@ -182,7 +196,9 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
 
     # a base with a target stops its stable phase early: its bar counts the longest it can take
     base_steps = recipe.base.steps + recipe.base.decay
-    total = base_steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
+    total = (
+        base_steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
+    )
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
 
     def fit(label: str, model, documents, schedule, probe=None):
@@ -194,8 +210,10 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
         tokenizer.save_pretrained(out / label)
 
     # the base's probe: problems of every task from a stream of their own, none an evaluation item
-    problems = {t: list(itertools.islice(training_stream(t, recipe.seed * 1000 + 999, held_out), recipe.probe_items))
-                for t in TASKS}
+    problems = {
+        t: list(itertools.islice(training_stream(t, recipe.seed * 1000 + 999, held_out), recipe.probe_items))
+        for t in TASKS
+    }
     probe = lambda model: sum(answer_accuracy(model, tokenizer, problems[t]) for t in TASKS) / len(TASKS)
     base = new_model(recipe.shape, tokenizer, recipe.seed)
     before = bar.n

@@ -34,12 +34,17 @@ def _zoo_verify(args: argparse.Namespace) -> int:
     except ZooError as problem:
         raise UserError(f"{problem}; run `soupsearch zoo build --variant {args.variant}`") from None
     if different:
-        print(f"zoo {args.variant}: {folder} ({manifest.get('source', 'trained')}) differs from the published zoo "
-              f"in {len(different)} of {len(manifest['files'])} files: {', '.join(different[:6])}"
-              f"{' ...' if len(different) > 6 else ''}", file=sys.stderr)
+        print(
+            f"zoo {args.variant}: {folder} ({manifest.get('source', 'trained')}) differs from the published zoo "
+            f"in {len(different)} of {len(manifest['files'])} files: {', '.join(different[:6])}"
+            f"{' ...' if len(different) > 6 else ''}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"zoo {args.variant}: {len(manifest['files'])} files in {folder} equal the published zoo "
-          f"(weights {weights_digest(manifest['files'])}, {LOCK.name})")
+    print(
+        f"zoo {args.variant}: {len(manifest['files'])} files in {folder} equal the published zoo "
+        f"(weights {weights_digest(manifest['files'])}, {LOCK.name})"
+    )
     return 0
 
 
@@ -69,23 +74,39 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     actions = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
 
     def variant(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--variant", choices=["tiny", "pico"], default="tiny",
-                            help="tiny (experiments, docs) or pico (unit tests); default tiny")
-        parser.add_argument("--seed", type=int, help="the recipe's training seed (default $SOUPSEARCH_ZOO_SEED, "
-                            "else 0; only seed 0 is published)")
+        parser.add_argument(
+            "--variant",
+            choices=["tiny", "pico"],
+            default="tiny",
+            help="tiny (experiments, docs) or pico (unit tests); default tiny",
+        )
+        parser.add_argument(
+            "--seed",
+            type=int,
+            help="the recipe's training seed (default $SOUPSEARCH_ZOO_SEED, else 0; only seed 0 is published)",
+        )
 
     build = actions.add_parser("build", help="unpack the published zoo (or train it when the recipe has none)")
     variant(build)
-    build.add_argument("--train", "--force", action="store_true",
-                       help="train from the recipe even if published weights or a verified cache exist")
+    build.add_argument(
+        "--train",
+        "--force",
+        action="store_true",
+        help="train from the recipe even if published weights or a verified cache exist",
+    )
     build.set_defaults(func=_zoo_build)
 
-    check = actions.add_parser("verify", help="check the cached zoo's checksums, and whether it equals the published one")
+    check = actions.add_parser(
+        "verify", help="check the cached zoo's checksums, and whether it equals the published one"
+    )
     variant(check)
     check.set_defaults(func=_zoo_verify)
 
-    release = actions.add_parser("publish", help="copy the cached zoo (seed 0) into the repository's published "
-                                 "weights and lock file (maintainers, after a recipe change)")
+    release = actions.add_parser(
+        "publish",
+        help="copy the cached zoo (seed 0) into the repository's published "
+        "weights and lock file (maintainers, after a recipe change)",
+    )
     release.add_argument("--variant", choices=["tiny", "pico"], default="tiny", help="default tiny")
     release.set_defaults(func=_zoo_publish)
 

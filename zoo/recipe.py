@@ -107,8 +107,9 @@ def _sweep(steps: int, lr: float) -> tuple[Schedule, ...]:
 
 TINY = Recipe(
     name="tiny",
-    shape=Shape(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=256),
+    shape=Shape(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
+    ),
     vocab_size=384,
     # trained to a skill level, not for a number of steps: after a fixed number of steps the bases
     # of different training seeds stood at very different skill levels (docs/zoo.md)
@@ -122,8 +123,14 @@ TINY = Recipe(
 PICO = replace(
     TINY,
     name="pico",
-    shape=Shape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                intermediate_size=96, max_position_embeddings=192),
+    shape=Shape(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=96,
+        max_position_embeddings=192,
+    ),
     vocab_size=320,
     base=Schedule(steps=250, lr=5e-3, batch_size=16, warmup=20),
     specialist=Schedule(steps=100, lr=3e-3, batch_size=16, warmup=5, seed=1),

@@ -46,8 +46,12 @@ def _merge_pair(method: str, setting: dict, base: dict, a: dict, b: dict) -> dic
 
     wa, wb = setting["weights"]
     extra = {"density": setting["density"], "normalize": False} if "density" in setting else {}
-    return merge_state_dicts({"base": base, "a": a, "b": b}, method, base="base",
-                             parameters={"weight": {"base": 0.0, "a": wa, "b": wb}, **extra})
+    return merge_state_dicts(
+        {"base": base, "a": a, "b": b},
+        method,
+        base="base",
+        parameters={"weight": {"base": 0.0, "a": wa, "b": wb}, **extra},
+    )
 
 
 def _settings(setting: dict) -> str:
@@ -71,8 +75,10 @@ class Measures:
 
     def specialist_gains(self) -> dict[str, bool]:
         """Task -> whether its specialist beats the base on it, outside both 95% CIs (test)."""
-        return {task: self.test[f"specialist-{_short(task)}"][task].ci_low > self.test["base"][task].ci_high
-                for task in TASKS}
+        return {
+            task: self.test[f"specialist-{_short(task)}"][task].ci_low > self.test["base"][task].ci_high
+            for task in TASKS
+        }
 
     def merge_wins(self) -> dict[tuple[str, str], dict[str, bool]]:
         """Pair -> method -> whether its merge beats both parents on the pair's mean (test)."""
@@ -97,8 +103,13 @@ def measure(variant: str, seed: int | None = None, progress: bool = True, claims
     names = [n for n in recipe.models if n == "base" or n.startswith("specialist")] if claims_only else recipe.models
     weights = {name: load_file(folder / name / "model.safetensors") for name in names}
     ingredients = [n for n in names if n.startswith("ingredient")]
-    bar = tqdm(total=len(weights) + len(ingredients) + len(MERGE_PAIRS) * (sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID)),
-               desc=f"zoo report {recipe.folder_name}", disable=not progress)
+    bar = tqdm(
+        total=len(weights)
+        + len(ingredients)
+        + len(MERGE_PAIRS) * (sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID)),
+        desc=f"zoo report {recipe.folder_name}",
+        disable=not progress,
+    )
 
     def score(state: dict, split: str, tasks=TASKS) -> dict[str, TaskScore]:
         with torch.no_grad():
@@ -140,22 +151,36 @@ def write_report(variant: str, out: Path, progress: bool = True, seed: int | Non
     ]
     lines += [f"| {name} | " + " | ".join(_cell(test[name][t]) for t in TASKS) + " |" for name in recipe.models]
 
-    lines += ["", "## Each specialist against the base, on its own task (test)", "",
-              "| task | base | specialist | gain outside both CIs |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Each specialist against the base, on its own task (test)",
+        "",
+        "| task | base | specialist | gain outside both CIs |",
+        "|---|---|---|---|",
+    ]
     gains = measures.specialist_gains()
     for task in TASKS:
         base, spec = test["base"][task], test[f"specialist-{_short(task)}"][task]
         lines.append(f"| {_short(task)} | {_cell(base)} | {_cell(spec)} | {'yes' if gains[task] else 'NO'} |")
 
     spread = [s.mean for s in ingredient_select.values()]
-    lines += ["", f"## Soup ingredients on the {_short(WORD_PROBLEMS)} select split", "",
-              "| ingredient | select |", "|---|---|"]
+    lines += [
+        "",
+        f"## Soup ingredients on the {_short(WORD_PROBLEMS)} select split",
+        "",
+        "| ingredient | select |",
+        "|---|---|",
+    ]
     lines += [f"| {n} | {_cell(s)} |" for n, s in ingredient_select.items()]
     lines += ["", f"Range: {100 * min(spread):.1f} to {100 * max(spread):.1f}.", ""]
 
-    lines += ["## Two-specialist merges, mean of the two tasks", "",
-              "Each parent's task vector gets its own weight from a small grid. The setting is chosen on the "
-              "select split; the scores are on test. A merge passes if its mean beats both parents' means.", ""]
+    lines += [
+        "## Two-specialist merges, mean of the two tasks",
+        "",
+        "Each parent's task vector gets its own weight from a small grid. The setting is chosen on the "
+        "select split; the scores are on test. A merge passes if its mean beats both parents' means.",
+        "",
+    ]
     for pair, best in measures.merges.items():
         lines += _merge_table(pair, best, test)
     kept = out.read_text().partition(KEEP_MARK) if out.is_file() else ("", "", "")
@@ -182,16 +207,22 @@ def _best_merges(pair: tuple[str, str], weights: dict, score) -> dict:
 
 def _merge_table(pair: tuple[str, str], merges: dict, test: dict) -> list[str]:
     names = [f"specialist-{_short(t)}" for t in pair]
-    lines = [f"### {' + '.join(_short(t) for t in pair)}", "",
-             "| model | " + " | ".join(_short(t) for t in pair) + " | mean | beats both parents |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### {' + '.join(_short(t) for t in pair)}",
+        "",
+        "| model | " + " | ".join(_short(t) for t in pair) + " | mean | beats both parents |",
+        "|---|---|---|---|---|",
+    ]
     parent_means = {n: _pair_mean(test[n], pair) for n in names}
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(_cell(test[name][t]) for t in pair)
-                     + f" | {100 * parent_means[name]:.1f} | |")
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(test[name][t]) for t in pair) + f" | {100 * parent_means[name]:.1f} | |"
+        )
     for method, (best, scores) in merges.items():
         mean = _pair_mean(scores, pair)
-        lines.append(f"| {method} {_settings(best)} (grid: {_grid(method)}) | "
-                     + " | ".join(_cell(scores[t]) for t in pair)
-                     + f" | {100 * mean:.1f} | {'yes' if mean > max(parent_means.values()) else 'NO'} |")
+        lines.append(
+            f"| {method} {_settings(best)} (grid: {_grid(method)}) | "
+            + " | ".join(_cell(scores[t]) for t in pair)
+            + f" | {100 * mean:.1f} | {'yes' if mean > max(parent_means.values()) else 'NO'} |"
+        )
     return lines + [""]

@@ -133,13 +133,16 @@ def answer_accuracy(model: MistralForCausalLM, tokenizer: PreTrainedTokenizerFas
     with torch.no_grad():
         predicted = model(input_ids=ids).logits.argmax(-1)
     model.train(was_training)
-    solved = [bool((predicted[i, start - 1 : len(full) - 1] == ids[i, start : len(full)]).all())
-              for i, (full, start) in enumerate(rows)]
+    solved = [
+        bool((predicted[i, start - 1 : len(full) - 1] == ids[i, start : len(full)]).all())
+        for i, (full, start) in enumerate(rows)
+    ]
     return sum(solved) / len(solved)
 
 
-def mixture(streams: dict[str, Iterator[dict]], weights: dict[str, float], seed: int,
-            render: Callable[[dict], str]) -> Iterator[str]:
+def mixture(
+    streams: dict[str, Iterator[dict]], weights: dict[str, float], seed: int, render: Callable[[dict], str]
+) -> Iterator[str]:
     """Documents drawn from several task streams in proportion to ``weights``."""
     rng = random.Random(seed)
     names = sorted(streams)

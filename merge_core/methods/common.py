@@ -65,8 +65,7 @@ class StudyCache:
         value = self.values[key]
         return value.to(self.parents.device) if self.parents.streamed else value
 
-    def task_vector(self, base: Source, model: Source, base_t: torch.Tensor,
-                    model_t: torch.Tensor) -> torch.Tensor:
+    def task_vector(self, base: Source, model: Source, base_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
         return self.get(("tau", base, model, base_t.dtype), lambda: model_t - base_t)
 
     def l1(self, base: Source, model: Source, tau: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

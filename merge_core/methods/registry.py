@@ -57,17 +57,20 @@ class Method:
 
 _TAU, _RANKS, _L1 = Cached.TASK_VECTORS, Cached.MAGNITUDE_RANKS, Cached.L1_NORMS
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("linear", family="linear"),
-    Method("slerp", family="slerp", needs=frozenset({Cached.SLERP_STATS})),
-    Method("task_arithmetic", family="task_arithmetic", needs=frozenset({_TAU})),
-    Method("ties", family="task_arithmetic", needs=frozenset({_TAU, _RANKS, _L1})),
-    Method("dare_ties", seeded=True, random_masks=True, family="task_arithmetic", needs=frozenset({_TAU, _L1})),
-    Method("dare_linear", seeded=True, random_masks=True, family="task_arithmetic", needs=frozenset({_TAU, _L1})),
-    Method("della", seeded=True, random_masks=True),
-    Method("della_linear", seeded=True, random_masks=True),
-    Method("arcee_fusion", seeded=True),  # a random sample of each tensor over 1M elements, for its quantiles
-)}
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("linear", family="linear"),
+        Method("slerp", family="slerp", needs=frozenset({Cached.SLERP_STATS})),
+        Method("task_arithmetic", family="task_arithmetic", needs=frozenset({_TAU})),
+        Method("ties", family="task_arithmetic", needs=frozenset({_TAU, _RANKS, _L1})),
+        Method("dare_ties", seeded=True, random_masks=True, family="task_arithmetic", needs=frozenset({_TAU, _L1})),
+        Method("dare_linear", seeded=True, random_masks=True, family="task_arithmetic", needs=frozenset({_TAU, _L1})),
+        Method("della", seeded=True, random_masks=True),
+        Method("della_linear", seeded=True, random_masks=True),
+        Method("arcee_fusion", seeded=True),  # a random sample of each tensor over 1M elements, for its quantiles
+    )
+}
 
 TASK_VECTOR_METHODS = tuple(name for name, method in METHODS.items() if method.task_vectors)
 

@@ -22,24 +22,34 @@ _SLERP_CHUNK = 1024 * 1024  # mergekit.merge_methods.slerp._CHUNK_ELEMENTS, for 
 
 def stats(cache: StudyCache, base: Source, other: Source, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """The clamped dot product of the normalized tensors, computed exactly as mergekit's slerp does."""
+
     def compute() -> torch.Tensor:
         dtype = work_dtype(v0.dtype)
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
         chunks = [slice(start, start + _SLERP_CHUNK) for start in range(0, a.shape[1], _SLERP_CHUNK)]
-        norm_a = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(a[:, c].to(dtype), dim=1, keepdim=True) for c in chunks]), dim=0)
-        norm_b = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(b[:, c].to(dtype), dim=1, keepdim=True) for c in chunks]), dim=0)
+        norm_a = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(a[:, c].to(dtype), dim=1, keepdim=True) for c in chunks]), dim=0
+        )
+        norm_b = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(b[:, c].to(dtype), dim=1, keepdim=True) for c in chunks]), dim=0
+        )
         norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
         norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
-        dot = torch.stack([((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b))
-                           .sum(dim=1, keepdim=True) for c in chunks]).sum(dim=0).clamp(-1, 1)
+        dot = (
+            torch.stack(
+                [((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b)).sum(dim=1, keepdim=True) for c in chunks]
+            )
+            .sum(dim=0)
+            .clamp(-1, 1)
+        )
         return dot
+
     return cache.get(("slerp", base, other, v0.dtype), compute)
 
 
-def merge(method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, seed: int,
-          out: torch.Tensor) -> None:
+def merge(
+    method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, seed: int, out: torch.Tensor
+) -> None:
     """mergekit slerp of the base and the other input at the job's t."""
     other = 1 - job.base
     v0, v1 = inputs[job.base], inputs[other]
@@ -55,8 +65,9 @@ def merge(method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: Stu
     result = out.view(-1) if direct else torch.empty(v0.numel(), dtype=dtype, device=v0.device)
     a, b = v0.reshape(-1), v1.reshape(-1)
     if common.fused(v0.device, v0.dtype):
-        kernels.slerp(a.numpy(), b.numpy(), np.float32(coef_a), np.float32(coef_b), result.numpy(),
-                      common.parts(a.numel()))
+        kernels.slerp(
+            a.numpy(), b.numpy(), np.float32(coef_a), np.float32(coef_b), result.numpy(), common.parts(a.numel())
+        )
     else:
         spans = common.spans(a)
         term = cache.scratch.get("slerp-term", spans[0].stop, dtype)

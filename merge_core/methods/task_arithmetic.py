@@ -40,6 +40,7 @@ def _dare_work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def magnitude_rank(cache: StudyCache, base: Source, model: Source, tau: torch.Tensor) -> torch.Tensor:
     """Each element's place in mergekit's descending |tau| order (its argsort, so its tie order)."""
+
     def rank() -> torch.Tensor:
         magnitude = tau.abs().reshape(-1)
         if magnitude.device.type == "cpu":
@@ -48,11 +49,19 @@ def magnitude_rank(cache: StudyCache, base: Source, model: Source, tau: torch.Te
         ranks = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
         ranks[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
         return ranks.reshape(tau.shape)
+
     return cache.get(("rank", base, model, tau.dtype), rank)
 
 
-def dare_mask(shape: Sequence[int], density: float, seed: int, job: TensorJob, model: str,
-              device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+def dare_mask(
+    shape: Sequence[int],
+    density: float,
+    seed: int,
+    job: TensorJob,
+    model: str,
+    device: torch.device,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Bernoulli(density) mask (1 keep, 0 drop) for one task vector, from (seed, tensor, model).
 
     On a GPU the draws are one torch.rand stream. On the CPU they are ``kernels.keep_mask``'s
@@ -82,8 +91,16 @@ class _Sparsified:
     here, once per tensor.
     """
 
-    def __init__(self, job: TensorJob, kind: SparsificationMethod | None, cache: StudyCache,
-                 index: int, seed: int, tau: torch.Tensor, fused: bool) -> None:
+    def __init__(
+        self,
+        job: TensorJob,
+        kind: SparsificationMethod | None,
+        cache: StudyCache,
+        index: int,
+        seed: int,
+        tau: torch.Tensor,
+        fused: bool,
+    ) -> None:
         source, base = job.sources[index], job.sources[job.base]
         density = job.per_input["density"][source.model]
         self.tau, numel = tau.reshape(-1), tau.numel()
@@ -104,13 +121,27 @@ class _Sparsified:
             self.key = tensor_seed(seed, job.name, source.model)
             self.work_dtype = _dare_work_dtype(tau.dtype, tau.device)
             if tau.device.type != "cpu":
-                self.drawn = dare_mask(tau.shape, density, seed, job, source.model, tau.device,
-                                       self.scratch.get(("mask", index), numel, self.work_dtype)).reshape(-1)
+                self.drawn = dare_mask(
+                    tau.shape,
+                    density,
+                    seed,
+                    job,
+                    source.model,
+                    tau.device,
+                    self.scratch.get(("mask", index), numel, self.work_dtype),
+                ).reshape(-1)
         if job.shared["rescale"]:  # mergekit's rescaled_masked_tensor: L1 sums over whole tensors
             absolute = self.scratch.get("abs", numel, self.work_dtype)
             if fused:
-                kernels.masked_abs(self.tau.numpy(), self.ranks.numpy(), self.kind, self.limit, self.key,
-                                   absolute.numpy(), common.parts(numel))
+                kernels.masked_abs(
+                    self.tau.numpy(),
+                    self.ranks.numpy(),
+                    self.kind,
+                    self.limit,
+                    self.key,
+                    absolute.numpy(),
+                    common.parts(numel),
+                )
             else:
                 for span in common.spans(self.tau):
                     torch.abs(self.masked(span, absolute[span]), out=absolute[span])
@@ -146,8 +177,9 @@ class _Sparsified:
                 row.copy_(target)
 
 
-def merge(method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, seed: int,
-          out: torch.Tensor) -> None:
+def merge(
+    method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: StudyCache, seed: int, out: torch.Tensor
+) -> None:
     """base + lambda * sum(m_i w_i tau'_i) [/ sum(m_i w_i)], as mergekit's merge_group computes it.
 
     The same ops as mergekit's, in the same order, one block of elements at a time, where mergekit
@@ -161,11 +193,21 @@ def merge(method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: Stu
         common.store(base, out)
         return
     fused = common.fused(base.device, base.dtype)
-    parts = [_Sparsified(job, gta.sparsification_method, cache, index, seed,
-                         cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]), fused)
-             for index in others]
-    weights = torch.tensor([job.per_input["weight"][job.sources[i].model] for i in others],
-                           dtype=base.dtype, device=base.device).unsqueeze(1)
+    parts = [
+        _Sparsified(
+            job,
+            gta.sparsification_method,
+            cache,
+            index,
+            seed,
+            cache.task_vector(job.sources[job.base], job.sources[index], base, inputs[index]),
+            fused,
+        )
+        for index in others
+    ]
+    weights = torch.tensor(
+        [job.per_input["weight"][job.sources[i].model] for i in others], dtype=base.dtype, device=base.device
+    ).unsqueeze(1)
     consensus, normalize, scale = gta.consensus_method is not None, job.shared["normalize"], job.shared["lambda"]
     flat_base = base.reshape(-1)
     direct = out.dtype == base.dtype and out.is_contiguous()
@@ -178,19 +220,39 @@ def merge(method: Method, job: TensorJob, inputs: list[torch.Tensor], cache: Stu
         limits = np.array([p.limit for p in parts], dtype=np.int64)
         keys = np.array([p.key for p in parts], dtype=np.uint64)
         factors = np.array([p.factor for p in parts], dtype=np.float32)
-        kernels.task_arithmetic(flat_base.numpy(), flat_out.numpy(), taus, ranks, kinds, limits, keys, factors,
-                                weights.reshape(-1).numpy(), consensus, normalize, np.float32(total_weight.item()),
-                                np.float32(scale), common.parts(flat_base.numel()))
+        kernels.task_arithmetic(
+            flat_base.numpy(),
+            flat_out.numpy(),
+            taus,
+            ranks,
+            kinds,
+            limits,
+            keys,
+            factors,
+            weights.reshape(-1).numpy(),
+            consensus,
+            normalize,
+            np.float32(total_weight.item()),
+            np.float32(scale),
+            common.parts(flat_base.numel()),
+        )
     else:
-        _torch_blocks(parts, weights, total_weight, consensus, normalize, scale, flat_base, flat_out,
-                      cache.scratch)
+        _torch_blocks(parts, weights, total_weight, consensus, normalize, scale, flat_base, flat_out, cache.scratch)
     if not direct:
         out.copy_(flat_out.reshape(out.shape))
 
 
-def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, total_weight: torch.Tensor, consensus: bool,
-                  normalize: bool, scale: float, flat_base: torch.Tensor, flat_out: torch.Tensor,
-                  scratch: Scratch) -> None:
+def _torch_blocks(
+    parts: list[_Sparsified],
+    weights: torch.Tensor,
+    total_weight: torch.Tensor,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    flat_base: torch.Tensor,
+    flat_out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
     """The family in torch ops (GPUs; bf16, fp16, fp64 on the CPU), into reused buffers."""
     spans = common.spans(flat_base)
     block, dtype = spans[0].stop, flat_base.dtype  # reused buffers: fresh ones cost page faults
@@ -210,8 +272,9 @@ def _torch_blocks(parts: list[_Sparsified], weights: torch.Tensor, total_weight:
             # sign consensus: mergekit keeps d_i whose sign is the majority's (the sign of the sum,
             # ties to +), as a float 1/0 mask: d_i * s > 0 exactly when sign(d_i) == s. Here
             # s = copysign(1, sum): a sum is -0.0 only when every term is a zero, and zeros never agree
-            sign = torch.copysign(column[:width].fill_(1), torch.sum(deltas, dim=0, out=mixed_buffer[:width]),
-                                  out=column[:width])
+            sign = torch.copysign(
+                column[:width].fill_(1), torch.sum(deltas, dim=0, out=mixed_buffer[:width]), out=column[:width]
+            )
             agree = torch.gt(torch.mul(deltas, sign, out=agree_rows[:, :width]), 0, out=agree_rows[:, :width])
             mixed = torch.sum(deltas.mul_(agree), dim=0, out=mixed_buffer[:width])  # sum the agreeing d_i
             if normalize:  # divisor: the agreeing weights' sum, 0 -> 1
