@@ -2,7 +2,7 @@
 """Set up a virtual environment from the project's own files, then run the main job or the tests.
 
     python3 bootstrap.py run    # install, then search and export experiments/tiny_slerp.yaml (tiny zoo)
-    python3 bootstrap.py test   # install, check format and lint (ruff), then run the whole test suite (what .ci/run runs)
+    python3 bootstrap.py test   # install, check format and lint (ruff), then run the test suite (what .ci/run runs)
 
 Needs only Python >= 3.10 and pip. On a machine without an NVIDIA GPU the CPU build of torch is
 installed first, so that the project's plain ``torch>=`` requirement does not pull a CUDA build.
