@@ -48,7 +48,7 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_rerun_with_its_seed(tmp_pat
     lost.set_user_attr("seed", 42)
     lost.set_user_attr("owner", "elsewhere:1")
     study._storage.record_heartbeat(lost._trial_id)
-    time.sleep(2.5)  # past the grace period: two beats
+    time.sleep(3.5)  # past the grace period (two beats), plus one: sqlite keeps heartbeat times to the second
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
