@@ -386,3 +386,24 @@ def test_duplicate_keys_are_refused_but_yaml_merge_keys_still_override():
     }
     with pytest.raises(UserError, match="x: not valid YAML: found duplicate key 't' \\(line 1, column 11\\)"):
         parse_yaml("a: {t: 1, t: 2}", "x")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "arguments"),
+    [
+        ("SOUPSEARCH_ZOO_SEED", "one", ["zoo", "verify", "--variant", "pico"]),
+        ("SOUPSEARCH_HEARTBEAT_SECONDS", "0.5", ["status", "{ok}", "--storage", "sqlite:///{root}/optuna.db"]),
+    ],
+)
+def test_a_bad_environment_variable_exits_2_naming_it(variable, value, arguments, fx):
+    arguments = [a.format(ok=fx["x:ok"], root=fx["root"]) for a in arguments]
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", *arguments],
+        cwd=fx["root"],
+        env={**ENV, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{variable}={value!r}" in done.stderr.strip().splitlines()[-1]

@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 
+from user_input import UserError
+
 ZOO_FORMAT = 5  # bump when the trainer or the folder layout changes what a recipe builds
 ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
 WORD_PROBLEMS = "tiny_gsm8k"
@@ -148,5 +150,8 @@ def recipe_for(variant: str, seed: int | None = None) -> Recipe:
     Other seeds redraw every source of training noise, to check that the zoo's claims are not luck.
     """
     if seed is None:
-        seed = int(os.environ.get("SOUPSEARCH_ZOO_SEED", "0"))
+        said = os.environ.get("SOUPSEARCH_ZOO_SEED", "").strip() or "0"
+        if not said.removeprefix("-").isdigit():
+            raise UserError(f"SOUPSEARCH_ZOO_SEED={said!r}: expected a whole number (the zoo's training seed)")
+        seed = int(said)
     return replace(RECIPES[variant], seed=seed)
