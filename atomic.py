@@ -1,7 +1,7 @@
 """Files and folders that appear whole or not at all: filled beside their target, then renamed into place.
 
 A killed process leaves at most a hidden ``.NAME.partial-*`` entry beside the target, never a
-half-written target; the next writer of the same target clears such leftovers.
+half-written target; ``clear_leftovers`` removes such entries (the zoo's build calls it under its lock).
 """
 
 from __future__ import annotations
@@ -27,11 +27,23 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_partial_prefix(target)))
     try:
         yield staging
+        staging.chmod(_new_folder_mode(staging))  # mkdtemp's folder is private; the target gets a new folder's
         if target.exists():
             shutil.rmtree(target) if replace else target.rmdir()
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _new_folder_mode(where: Path) -> int:
+    """The mode ``mkdir`` gives a folder here (0o777 less the umask), read without changing the umask."""
+    probe = Path(tempfile.mkdtemp(dir=where))
+    probe.rmdir()
+    probe.mkdir()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.rmdir()
 
 
 def clear_leftovers(target: Path) -> None:

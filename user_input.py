@@ -1,6 +1,6 @@
 """What users hand us: the one error family for bad input, and YAML read strictly.
 
-``search``, ``merge_core``, ``evals`` and ``zoo`` each raise their own subclass of ``UserError``;
+``search``, ``merge_core``, ``evals`` and ``zoo`` raise ``UserError`` or a subclass of their own;
 ``soupsearch`` maps the whole family to exit code 2 in one place. This module sits beside the
 packages, so that none of them imports another package for it.
 """

@@ -11,7 +11,7 @@ For each seed: the zoo (seed 0 is the published one; other seeds are trained), t
 docs/zoo.md makes, measured as `soupsearch zoo report` measures it; the README's main job
 (`soupsearch run` and `soupsearch export` of experiments/tiny_slerp.yaml, in a scratch folder);
 and the soups of experiments/tiny_soup.yaml. It does not run in CI: it trains two tiny zoos
-(docs/zoo.md gives the time).
+(docs/performance.md gives the time).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
         "finalists": [t.number for t in candidates],
         "verdict": verdict.record(),
     }
-    write(out, bench, plan, config, card, record)
+    write(out, bench, plan, config, text, card, record)
     shown.update(f"wrote {out}: weights, mergekit_config.yml, README.md, scores.json")
     shown.close()
     log(tracker, parent_run, chosen, text, card, record, {"select": select, "test": test}, verdict)
@@ -185,9 +185,9 @@ def verify(
     return reproduced
 
 
-def write(out: Path, bench: Workbench, plan, config: dict, card: str, record: dict) -> None:
-    """The merge folder as mergekit-yaml writes it, with the model card and scores.json, whole or not at all."""
-    text = yaml.safe_dump(config, sort_keys=False)
+def write(out: Path, bench: Workbench, plan, config: dict, text: str, card: str, record: dict) -> None:
+    """The merge folder as mergekit-yaml writes it (``text``: the config as written), with the model
+    card and scores.json, whole or not at all."""
     with atomic_folder(out) as staging:
         write_folder(bench.engine, plan, load_config(config), text, staging, name=out.name)
         (staging / "README.md").write_text(card)

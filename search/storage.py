@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +46,7 @@ def heartbeat_seconds() -> int:
     said = os.environ.get(HEARTBEAT_ENV, "").strip()
     if not said:
         return HEARTBEAT_S
-    if not said.isdigit() or int(said) < 1:
+    if not (said.isascii() and said.isdigit()) or int(said) < 1:
         raise UserError(f"{HEARTBEAT_ENV}={said!r}: expected a whole number of seconds >= 1")
     return int(said)
 
@@ -144,17 +145,20 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker | None) -> list[in
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, tracker: Tracker | None, reason: str) -> None:
-    """A failed, interrupted trial: its MLflow run ends FAILED, and the trial is enqueued again with
-    its params and seed, up to MAX_RETRIES times in a row."""
+    """A failed, interrupted trial: enqueued again with its params and seed, up to MAX_RETRIES times in
+    a row; then its MLflow run ends FAILED, as far as the tracking store can be reached (the re-run
+    must not hang on it)."""
+    retries = trial.user_attrs.get("retries", 0) + 1
+    if retries <= MAX_RETRIES:
+        seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
+        study.enqueue_trial(
+            trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason, "retries": retries}
+        )
     run = trial.user_attrs.get("mlflow_run_id")
     if tracker is not None and run is not None:
-        tracker.tag(run, "soupsearch.fail_reason", reason)
-        tracker.tag(run, STATE_TAG, TrialState.FAIL.name)
-        tracker.end(run, "FAILED")
-    retries = trial.user_attrs.get("retries", 0) + 1
-    if retries > MAX_RETRIES:
-        return
-    seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
-    study.enqueue_trial(
-        trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason, "retries": retries}
-    )
+        try:
+            tracker.tag(run, "soupsearch.fail_reason", reason)
+            tracker.tag(run, STATE_TAG, TrialState.FAIL.name)
+            tracker.end(run, "FAILED")
+        except Exception as problem:  # noqa: BLE001 -- the record can wait; the trial's re-run cannot
+            warnings.warn(f"trial {trial.number}: its MLflow run {run} could not be ended: {problem}", stacklevel=2)

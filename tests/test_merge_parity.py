@@ -63,6 +63,7 @@ def test_same_folder_as_mergekit_yaml(name, pico_zoo, tmp_path):
     for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "mergekit_config.yml"):
         assert filecmp.cmp(ours / file, theirs / file, shallow=False), file
     assert not list(tmp_path.glob(".ours.partial-*"))
+    assert ours.stat().st_mode & 0o777 == theirs.stat().st_mode & 0o777  # as readable as mergekit-yaml's folder
 
 
 def test_passthrough_changes_layer_count(pico_zoo, tmp_path):

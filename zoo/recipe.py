@@ -114,10 +114,10 @@ TINY = Recipe(
     ),
     vocab_size=384,
     # trained to a skill level, not for a number of steps: after a fixed number of steps the bases
-    # of different training seeds stood at very different skill levels (docs/zoo.md)
+    # of different training seeds stood at very different skill levels (docs/performance.md)
     base=Schedule(steps=4000, lr=3e-3, batch_size=32, warmup=50, target=0.15, decay=200),
     # gentle fine-tunes keep task vectors small beside the base, as in LLM fine-tuning, so that they
-    # add up: at 1e-3 the sum of the arithmetic ones collapsed the model (docs/zoo.md)
+    # add up: at 1e-3 the sum of the arithmetic ones collapsed the model
     specialist=Schedule(steps=600, lr=3e-4, batch_size=32, warmup=10, seed=1),
     ingredients=_sweep(steps=100, lr=1e-3),
 )
@@ -151,7 +151,7 @@ def recipe_for(variant: str, seed: int | None = None) -> Recipe:
     """
     if seed is None:
         said = os.environ.get("SOUPSEARCH_ZOO_SEED", "").strip() or "0"
-        if not said.removeprefix("-").isdigit():
+        if not (said.isascii() and said.removeprefix("-").isdigit()):
             raise UserError(f"SOUPSEARCH_ZOO_SEED={said!r}: expected a whole number (the zoo's training seed)")
         seed = int(said)
     return replace(RECIPES[variant], seed=seed)

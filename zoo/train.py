@@ -76,6 +76,8 @@ def train(
 ) -> MistralForCausalLM:
     """Train on ``documents`` as ``schedule`` says; a ``target`` schedule needs ``probe``, the share
     of problems the model solves."""
+    if schedule.target is not None and probe is None:
+        raise ValueError("a schedule with a target needs a probe")
     torch.manual_seed(schedule.seed)
     model.train()
     optimizer = torch.optim.AdamW(
