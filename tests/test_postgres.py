@@ -222,7 +222,8 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
         tmp_path,
         **URLS,
         evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8, "test_limit": 8},
-        study={"sampler": "random", "trials": 10},
+        # enough trials that the others are still starting trials when the killed one goes stale
+        study={"sampler": "random", "trials": 24},
     )
     # a beat every 3 s, stale after 6 s (60 s and 120 s by default): the others fail and re-run it
     env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="3")
@@ -252,7 +253,7 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
 
     study = _study(storage)
     client = MlflowClient(tracking_uri=tracking)
-    by_number = _check_records(study, client, budget=10, processes=[run, *workers])
+    by_number = _check_records(study, client, budget=24, processes=[run, *workers])
     trials = study.get_trials(deepcopy=False)
     assert complete_then <= {t.number for t in trials if t.state == TrialState.COMPLETE}  # none lost
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed.number]
