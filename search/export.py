@@ -16,6 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from atomic import atomic_folder
+from evals.objectives import Objective
 from evals.results import EvalResult
 from merge_core.config import load_config
 from merge_core.export import check_out_dir, write_folder
@@ -105,10 +106,10 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
     parents = baselines.score(study, experiment, bench, tracker, parent_run)  # kept by `run`: read, not scored
     objective = experiment.evaluation.objective_function
     shown = output.Progress("export", len(candidates) + 3, "step")
-    chosen, select = choose(experiment, bench, candidates, shown)
+    chosen, select = choose(experiment, objective, bench, candidates, shown)
     config = to_config(experiment, chosen.params, bench.refs)
     plan = bench.engine.plan(config)
-    reproduced = verify(experiment, study, bench, chosen, plan, shown)
+    reproduced = verify(experiment, objective, study, bench, chosen, plan, shown)
     test = bench.score("test")
     if not test.ok:
         raise RuntimeError(f"trial {chosen.number} failed on the test split: {test.error}")
@@ -136,10 +137,13 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
 
 
 def choose(
-    experiment: Experiment, bench: Workbench, candidates: list[optuna.trial.FrozenTrial], shown: output.Progress
+    experiment: Experiment,
+    objective: Objective,
+    bench: Workbench,
+    candidates: list[optuna.trial.FrozenTrial],
+    shown: output.Progress,
 ) -> tuple[optuna.trial.FrozenTrial, EvalResult]:
     """The finalist with the best select objective (the first on ties), and its select scores."""
-    objective = experiment.evaluation.objective_function
     chosen, best = None, None
     for trial in candidates:
         bench.build(to_config(experiment, trial.params, bench.refs), trial.user_attrs["seed"])
@@ -154,6 +158,7 @@ def choose(
 
 def verify(
     experiment: Experiment,
+    objective: Objective,
     study: optuna.Study,
     bench: Workbench,
     chosen: optuna.trial.FrozenTrial,
@@ -162,7 +167,6 @@ def verify(
 ) -> float | list[float]:
     """Rebuild the chosen trial into the candidate and check that it reproduces the trial's own
     search score, item for item; the candidate then holds the weights that ``write`` saves."""
-    objective = experiment.evaluation.objective_function
     bench.build(plan, chosen.user_attrs["seed"])
     # scored rung by rung and in batches of the size the trial used, as other batches could flip a
     # borderline item in low precision
