@@ -140,6 +140,7 @@ class Scorer:
         self.experiment = experiment
         self.bench = Workbench(experiment, "auto")
         self.objective = experiment.evaluation.objective_function
+        self.select: dict[tuple[str, int], object] = {}  # (study, trial) -> an incumbent's select result
 
     def scores(self, params: dict, seed: int, splits=("select",)) -> dict:
         from search.space import to_config
@@ -158,6 +159,7 @@ class Scorer:
             if trial.state == TrialState.COMPLETE and (best is None or trial.value > best.value):
                 best = trial
                 result = self.scores(trial.params, trial.user_attrs["seed"])["select"]
+                self.select[study.study_name, trial.number] = result
                 select[trial.number] = self.objective(result)
             if best is not None:
                 points.append({"items": used, "trial": best.number, "select": select[best.number]})
@@ -187,7 +189,9 @@ def run_unit(scale: Scale, name: str, seed: int, workdir: Path) -> dict:
     for arm, study in studies.items():
         curve = scorer.curve(study)
         final = study.trials[curve[-1]["trial"]]
-        result = scorer.scores(final.params, final.user_attrs["seed"], ("select", "test"))
+        # its select result from the curve, which scored every incumbent on select
+        result = {"select": scorer.select[study.study_name, final.number]}
+        result |= scorer.scores(final.params, final.user_attrs["seed"], ("test",))
         verdict = compare(f"trial {final.number}", result, parents, objective, seed)
         arms[arm] = {
             "curve": curve,

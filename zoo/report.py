@@ -21,8 +21,7 @@ from evals.results import TaskScore
 from zoo.build import open_zoo, verify, weights_digest
 from zoo.recipe import TASKS, WORD_PROBLEMS, Recipe, recipe_for
 
-# Each arithmetic specialist that transfers to word problems, merged with the word-problem one.
-# two arithmetic specialists each with the word-problem one, and two arithmetic specialists with
+# Two arithmetic specialists each with the word-problem one, and two arithmetic specialists with
 # each other: the word problems teach sums too, so which pair complements best varies by seed
 MERGE_PAIRS = (
     ("tiny_addition", "tiny_gsm8k"),
