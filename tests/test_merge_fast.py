@@ -317,3 +317,26 @@ print(json.dumps({{name: [sum(getattr(kernels, name).stats.cache_hits.values()),
     )
     assert all(misses > 0 for _, misses in first.values()), first  # compiled: nothing was cached yet
     assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second
+
+
+def test_a_process_limited_by_omp_num_threads_keeps_torch_at_that_limit_after_a_merge(pico_zoo):
+    """numba's kernels share OpenMP with torch: under OMP_NUM_THREADS=N, the merge kernels run on N
+    threads, and so do torch's ops after them (not on every CPU)."""
+    build = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from merge_core import Engine, Parents
+import numba, torch
+from merge_configs import configs
+zoo = Path({str(pico_zoo)!r})
+engine = Engine(Parents.open(zoo / name for name in {MODELS!r}))
+before = torch.get_num_threads()
+engine.build({{**configs(zoo)["dare_ties"], "dtype": "float32"}}, seed=1)
+print(json.dumps([before, torch.get_num_threads(), numba.get_num_threads()]))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [1, 1, 1]  # before the merge, after it, and numba's
