@@ -222,11 +222,12 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
         tmp_path,
         **URLS,
         evaluation={"tasks": ["tiny_gsm8k"], "fidelity": [32], "select_limit": 8, "test_limit": 8},
-        # enough trials that the others are still starting trials when the killed one goes stale
-        study={"sampler": "random", "trials": 24},
+        # enough trials that the others are still starting trials when the killed one goes stale: a
+        # process finds a stale trial only as it starts one
+        study={"sampler": "random", "trials": 48},
     )
-    # a beat every 3 s, stale after 6 s (60 s and 120 s by default): the others fail and re-run it
-    env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="3")
+    # a beat every 2 s, stale after 4 s (60 s and 120 s by default): the others fail and re-run it
+    env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="2")
     run, workers = _run_then_together(path, env, workers=2, spawned=spawned)
     victim = workers[0]
     watch = optuna.load_study(study_name=STUDY, storage=optuna.storages.RDBStorage(storage))
@@ -253,7 +254,7 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
 
     study = _study(storage)
     client = MlflowClient(tracking_uri=tracking)
-    by_number = _check_records(study, client, budget=24, processes=[run, *workers])
+    by_number = _check_records(study, client, budget=48, processes=[run, *workers])
     trials = study.get_trials(deepcopy=False)
     assert complete_then <= {t.number for t in trials if t.state == TrialState.COMPLETE}  # none lost
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed.number]
