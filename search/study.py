@@ -177,7 +177,8 @@ class TrialRunner:
         trial.set_user_attr("merge_s", merge_s)
         objective = self.experiment.evaluation.objective_function
         eval_s, reported = 0.0, set()
-        for rung, more, result in self.bench.score_rungs(self.experiment.evaluation.fidelity):
+        rungs = self.experiment.evaluation.fidelity
+        for rung, more, result in self.bench.score_rungs(rungs):
             eval_s += more.seconds
             trial.set_user_attr("eval_s", eval_s)
             if not more.ok:
@@ -194,7 +195,9 @@ class TrialRunner:
                 "total_s": time.perf_counter() - started,
             }
             self.tracker.log(run, metrics=metrics, step=rung)
-            if trial.should_prune():
+            # a trial scored on every search item is complete: pruning it there would throw away a
+            # full evaluation (halving's rung at the top step ranks it against the other full ones)
+            if rung != rungs[-1] and trial.should_prune():
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
                 raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")
         trial.set_user_attr("batch_size", result.batch_size)  # what export re-scores the winner with

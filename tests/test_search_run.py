@@ -358,6 +358,22 @@ def test_each_fidelity_rung_is_logged_at_its_number_of_items(pico_zoo, tmp_path,
     assert [m.step for m in client.get_metric_history(trial_run, "search/objective")] == [4, 8]
 
 
+def test_halving_prunes_below_the_top_rung_only_so_every_full_evaluation_completes(pico_zoo, tmp_path, monkeypatch):
+    """Successive halving (reduction factor 4) has a rung at step 32 = 8 x 4 too: there it would rank
+    each fully scored trial against the others and prune three in four of them."""
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(
+        tmp_path,
+        evaluation={"tasks": ["tiny_addition", "tiny_gsm8k"], "fidelity": [8, 32], "select_limit": 8, "test_limit": 8},
+        study={"sampler": "random", "pruner": "successive_halving", "trials": 12},
+    )
+    assert main(["run", str(path)]) == 0
+    trials = study_in(tmp_path).get_trials(deepcopy=False)
+    reached = {(t.state, t.user_attrs["fidelity"]) for t in trials}
+    assert (TrialState.PRUNED, 32) not in reached and (TrialState.COMPLETE, 32) in reached
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == sum(t.user_attrs["fidelity"] == 32 for t in trials)
+
+
 def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_interrupted(tmp_path, monkeypatch, capsys):
     import socket
     from datetime import timedelta
