@@ -44,7 +44,7 @@ ARMS = {  # name -> (sampler, pruner, every trial on all search items)
     "cma-es": ("cmaes", "none", True),
     "random": ("random", "successive_halving", False),
     # the A/B of soupsearch's pruner: Optuna's WilcoxonPruner tests a trial's per-item results against
-    # the incumbent's on the same items at each rung, instead of ranking rung means
+    # the incumbent's on the same items at each rung below the top, instead of ranking rung means
     "soupsearch-wilcoxon": ("tpe", "wilcoxon", False),
 }
 SEARCH_ARMS = tuple(ARMS)
@@ -125,7 +125,7 @@ def run_arm(name: str, arm: str, scale: Scale, seed: int, workdir: Path, budget:
 
     experiment = experiment_for(name, scale, arm, seed, workdir)
     tasks = len(experiment.evaluation.tasks)
-    # a trial costs at most a CMA-ES trial's items, so the first step cannot overshoot the budget
+    # a trial costs at most a complete CMA-ES trial's items, so the first step cannot overshoot the budget
     trials = scale.trials if budget is None else max(1, round(scale.trials * scale.budget_share))
     while True:
         study = run_study(experiment, Settings.of(experiment, trials=trials))
@@ -298,8 +298,8 @@ def report(rows: list[dict], scale: Scale, plots: dict[str, Path], command: str)
         "Every search arm runs `soupsearch run`'s own loop. CMA-ES (mergekit-evolve's approach) runs "
         f"{scale.trials} trials, each on all {scale.rungs[-1]} search items per task; soupsearch (TPE, rungs "
         f"{list(scale.rungs)}, successive halving), random search (same rungs and pruning) and soupsearch-wilcoxon "
-        "(soupsearch with Optuna's WilcoxonPruner: at each rung, a trial's per-item results are tested against "
-        "the incumbent's on the same items, and it stops when it is worse at p < 0.1) run until they "
+        "(soupsearch with Optuna's WilcoxonPruner: at each rung below the top, a trial's per-item results are "
+        "tested against the incumbent's on the same items, and it stops when it is worse at p < 0.1) run until they "
         f"have evaluated {scale.budget_share:g} times as many items. The x axis counts evaluated search items, "
         "summed over tasks. The incumbent is the best complete trial so far by search score, re-scored on "
         "select; the target is CMA-ES's final select score. Each final incumbent is judged on test against "

@@ -195,8 +195,8 @@ class TrialRunner:
                 "total_s": time.perf_counter() - started,
             }
             self.tracker.log(run, metrics=metrics, step=rung)
-            # a trial scored on every search item is complete: pruning it there would throw away a
-            # full evaluation (halving's rung at the top step ranks it against the other full ones)
+            # a trial at the top fidelity rung is complete: pruning it there would throw away a full
+            # evaluation (halving's rung at the top step ranks it against the other full ones)
             if rung != rungs[-1] and trial.should_prune():
                 self.tracker.log(run, dicts={"per_item.json": result.record()})
                 raise optuna.TrialPruned(f"pruned at {rung} search items (objective {value:.4f})")

@@ -226,8 +226,8 @@ def test_worker_killed_mid_trial_on_postgresql_is_rerun_once_through_heartbeats(
         # process finds a stale trial only as it starts one
         study={"sampler": "random", "trials": 48},
     )
-    # a beat every 2 s, stale after 4 s (60 s and 120 s by default): the others fail and re-run it
-    env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="2")
+    # a beat every 3 s, stale after 6 s (60 s and 120 s by default): the others fail and re-run it
+    env = _env(storage, tracking, SOUPSEARCH_HEARTBEAT_SECONDS="3")
     run, workers = _run_then_together(path, env, workers=2, spawned=spawned)
     victim = workers[0]
     watch = optuna.load_study(study_name=STUDY, storage=optuna.storages.RDBStorage(storage))

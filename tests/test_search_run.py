@@ -360,7 +360,7 @@ def test_each_fidelity_rung_is_logged_at_its_number_of_items(pico_zoo, tmp_path,
 
 def test_halving_prunes_below_the_top_rung_only_so_every_full_evaluation_completes(pico_zoo, tmp_path, monkeypatch):
     """Successive halving (reduction factor 4) has a rung at step 32 = 8 x 4 too: there it would rank
-    each fully scored trial against the others and prune three in four of them."""
+    each fully scored trial against the others and keep only the top quarter (the best, at first)."""
     monkeypatch.chdir(tmp_path)
     path = write_experiment(
         tmp_path,
@@ -371,6 +371,7 @@ def test_halving_prunes_below_the_top_rung_only_so_every_full_evaluation_complet
     trials = study_in(tmp_path).get_trials(deepcopy=False)
     reached = {(t.state, t.user_attrs["fidelity"]) for t in trials}
     assert (TrialState.PRUNED, 32) not in reached and (TrialState.COMPLETE, 32) in reached
+    assert (TrialState.PRUNED, 8) in reached  # halving still prunes at the lower rung
     assert sum(t.state == TrialState.COMPLETE for t in trials) == sum(t.user_attrs["fidelity"] == 32 for t in trials)
 
 
