@@ -158,16 +158,16 @@ class Scorer:
         from optuna.trial import TrialState
 
         tasks = len(self.experiment.evaluation.tasks)
-        points, used, best, select = [], 0, None, {}
+        points, used, best, select = [], 0, None, None
         for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
             used += items_of(trial, tasks)
             if trial.state == TrialState.COMPLETE and (best is None or trial.value > best.value):
                 best = trial
                 result = self.scores(trial.params, trial.user_attrs["seed"])["select"]
                 self.select[study.study_name, trial.number] = result
-                select[trial.number] = self.objective(result)
+                select = self.objective(result)
             if best is not None:
-                points.append({"items": used, "trial": best.number, "select": select[best.number]})
+                points.append({"items": used, "trial": best.number, "select": select})
         return points
 
 

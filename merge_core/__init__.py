@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 # numba's OpenMP pool, started by the first parallel kernel, sets the process's OpenMP thread count,
 # which torch's CPU ops share: a process limited by OMP_NUM_THREADS starts numba with that limit
-# too, or every matmul after a merge would run on numba's count (the CPUs it may use). numba reads it once,
-# so only where numba is not imported yet.
+# too, or every matmul after a merge would run on numba's count (the CPUs it may use). numba reads
+# it once, so only where numba is not imported yet.
 _omp = os.environ.get("OMP_NUM_THREADS", "")
 if "numba" not in sys.modules and _omp.isascii() and _omp.isdigit() and int(_omp) > 0:
     os.environ.setdefault("NUMBA_NUM_THREADS", _omp)
