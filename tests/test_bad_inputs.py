@@ -1,13 +1,17 @@
-"""Bad input of every kind, through the real command line: exit code 2, one line that names the
-culprit, no traceback. Cases run as subprocesses, a group at a time and a few at once; every
-case has its own working folder, and the damaged models and files are made once per module."""
+"""Bad input of every kind, through the command line: exit code 2, one line that names the culprit,
+no traceback. The quick groups run each case as its own `python -m search.cli` process; the groups
+whose cases load models run their cases through the same entry point in two interpreters
+(tests/cli_batch.py), which saves importing torch, lm-eval and MLflow once per case. Every case has
+its own working folder; the damaged models and files are made once per module."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -278,12 +282,13 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
     }
 
 
-# each of their cases imports torch, mergekit or lm-eval, and most open models: ~100 s a group on 2 cores
+# each of their cases imports torch, mergekit or lm-eval, and most open models
 SLOW_GROUPS = {"eval", "models and tasks", "stores", "merge configs"}
 GROUPS = ["arguments", "experiment files", "models and tasks", "stores", "merge configs", "eval"]
 
 
-def _run(arguments: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _run(arguments: list[str], cwd: Path) -> dict:
+    """One case as its own process: the exit code, stderr and seconds."""
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done = subprocess.run(
@@ -295,23 +300,47 @@ def _run(arguments: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, 
         timeout=300,
         stdin=subprocess.DEVNULL,
     )
-    return done, time.monotonic() - started
+    return {"code": done.returncode, "stderr": done.stderr, "seconds": time.monotonic() - started}
+
+
+def _run_batch(cases: list[tuple[list[str], Path]]) -> list[dict]:
+    """Cases one after another in one interpreter (tests/cli_batch.py): what _run gives for each."""
+    with tempfile.TemporaryDirectory() as scratch:
+        results = Path(scratch) / "results.json"
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("cli_batch.py")), str(results)],
+            cwd=scratch,
+            env=ENV,
+            input=json.dumps([[arguments, str(cwd)] for arguments, cwd in cases]),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0 and results.is_file(), done.stderr[-3000:]
+        return json.loads(results.read_text())
 
 
 @pytest.mark.parametrize("group", [pytest.param(g, marks=pytest.mark.slow) if g in SLOW_GROUPS else g for g in GROUPS])
 def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
     cases = _cases(fx)[group]
-    workdirs = {name: fx["root"] / "cwd" / group.replace(" ", "-") / str(i) for i, name in enumerate(cases)}
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(zip(cases, pool.map(lambda name: _run(cases[name][0], workdirs[name]), cases)))
+    names = list(cases)
+    workdirs = {name: fx["root"] / "cwd" / group.replace(" ", "-") / str(i) for i, name in enumerate(names)}
+    if group in SLOW_GROUPS:
+        halves = [names[0::2], names[1::2]]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batches = pool.map(lambda half: _run_batch([(cases[n][0], workdirs[n]) for n in half]), halves)
+            results = {n: r for half, batch in zip(halves, batches) for n, r in zip(half, batch, strict=True)}
+    else:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = dict(zip(names, pool.map(lambda name: _run(cases[name][0], workdirs[name]), names)))
     problems = []
     for name, (_, culprit) in cases.items():
-        done, seconds = results[name]
-        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-        if done.returncode != 2 or culprit not in last or "Traceback" in done.stderr or PASSWORD in done.stderr:
+        done = results[name]
+        last = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
+        if done["code"] != 2 or culprit not in last or "Traceback" in done["stderr"] or PASSWORD in done["stderr"]:
             problems.append(
-                f"{name}: exit {done.returncode} after {seconds:.0f} s; wanted {culprit!r} in the last "
-                f"line; stderr ends: {done.stderr[-600:]}"
+                f"{name}: exit {done['code']} after {done['seconds']:.0f} s; wanted {culprit!r} in the last "
+                f"line; stderr ends: {done['stderr'][-600:]}"
             )
     assert not problems, "\n\n".join(problems)
     # the refused merges and exports left nothing behind
@@ -344,17 +373,17 @@ def test_an_rdb_storage_opens_without_optuna_experimental_warnings(tmp_path):
 def test_a_parent_without_tokenizer_merges_as_mergekit_yaml_does(fx, tmp_path):
     """mergekit-yaml writes the merge and warns when the donor has no tokenizer; so does `merge`."""
     out = tmp_path / "merged"
-    done, _ = _run(["merge", str(fx["m:notok"]), str(out), "--device", "cpu"], tmp_path / "cwd")
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _run(["merge", str(fx["m:notok"]), str(out), "--device", "cpu"], tmp_path / "cwd")
+    assert done["code"] == 0, done["stderr"][-2000:]
     assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
     # the donor is base_model (the zoo's base, with a tokenizer); a tokenizer-less base gets the warning
     config = yaml.safe_load(fx["m:notok"].read_text())
     config["base_model"] = str(fx["notok"])
     bare = tmp_path / "bare.yaml"
     bare.write_text(yaml.safe_dump(config))
-    done, _ = _run(["merge", str(bare), str(tmp_path / "bare"), "--device", "cpu"], tmp_path / "cwd")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "without a tokenizer" in done.stderr and "Traceback" not in done.stderr
+    done = _run(["merge", str(bare), str(tmp_path / "bare"), "--device", "cpu"], tmp_path / "cwd")
+    assert done["code"] == 0, done["stderr"][-2000:]
+    assert "without a tokenizer" in done["stderr"] and "Traceback" not in done["stderr"]
     assert (tmp_path / "bare" / "model.safetensors").is_file()
     assert not list((tmp_path / "bare").glob("tokenizer*"))
 
