@@ -227,7 +227,7 @@ def _status(args: argparse.Namespace) -> int:
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
         owner = trial.user_attrs.get("owner", "?")
-        if interrupted(trial):  # the next `run` or `worker` fails it and runs it again
+        if interrupted(trial):  # a `run` or `worker` fails it, and runs it again while trials are needed
             print(f"interrupted: trial {trial.number} on {owner}, started {trial.datetime_start}")
         else:
             print(f"running: trial {trial.number} on {owner} since {trial.datetime_start}")

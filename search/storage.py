@@ -126,30 +126,36 @@ def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.datetime_start is not None and datetime.now() - trial.datetime_start > OWNERLESS_GRACE
 
 
-def recover_interrupted(study: optuna.Study, tracker: Tracker | None) -> list[int]:
-    """Fail each interrupted RUNNING trial and enqueue it again with its params and seed."""
+def recover_interrupted(study: optuna.Study, tracker: Tracker | None, rerun: bool = True) -> list[int]:
+    """Fail each interrupted RUNNING trial; with ``rerun`` (the study still needs trials), enqueue it
+    again with its params and seed."""
     from optuna.exceptions import UpdateFinishedTrialError
 
-    retried = []
+    recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not interrupted(trial):
             continue
-        owner = trial.user_attrs.get("owner", "a process that never named itself")
+        reason = f"interrupted: {trial.user_attrs.get('owner', 'a process that never named itself')} ended mid-trial"
         try:  # journal storage has no heartbeat; tell() fails any RUNNING trial by number
+            if not rerun:  # the failed trial keeps the reason itself: no re-run will carry it
+                reason += "; not re-run: trials reached"
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             study.tell(trial.number, state=TrialState.FAIL)
         except (ValueError, UpdateFinishedTrialError):
             continue  # another process (or a stale heartbeat) failed it first, and re-runs it
-        retry(study, trial, tracker, f"interrupted: {owner} ended mid-trial")
-        retried.append(trial.number)
-    return retried
+        retry(study, trial, tracker, reason, rerun)
+        recovered.append(trial.number)
+    return recovered
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, tracker: Tracker | None, reason: str) -> None:
-    """A failed, interrupted trial: enqueued again with its params and seed, up to MAX_RETRIES times in
-    a row; then its MLflow run ends FAILED, as far as the tracking store can be reached (the re-run
-    must not hang on it)."""
+def retry(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, tracker: Tracker | None, reason: str, rerun: bool = True
+) -> None:
+    """A failed, interrupted trial: with ``rerun``, enqueued again with its params and seed, up to
+    MAX_RETRIES times in a row; its MLflow run ends FAILED, as far as the tracking store can be
+    reached (the re-run must not hang on it)."""
     retries = trial.user_attrs.get("retries", 0) + 1
-    if retries <= MAX_RETRIES:
+    if rerun and retries <= MAX_RETRIES:
         seed = {k: v for k, v in trial.user_attrs.items() if k == "seed"}  # none if cut off before its seed
         study.enqueue_trial(
             trial.params, user_attrs=seed | {"retry_of": trial.number, "retry_reason": reason, "retries": retries}

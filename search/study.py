@@ -284,7 +284,9 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                 "experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True), sort_keys=False)
             },
         )
-    recover_interrupted(study, tracker)
+    # a trial whose process died is run again while the study needs trials, whoever finds it
+    needs_trials = lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < settings.trials
+    recover_interrupted(study, tracker, rerun=needs_trials())
     if not join:
         baselines.score(study, experiment, bench, tracker, parent)
     # a resumed sampler must not replay the fresh stream (it would propose the finished trials again),
@@ -324,8 +326,14 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                 timeout=settings.timeout,
                 catch=(TrialFailed,),
                 gc_after_trial=False,
-                callbacks=[MaxTrialsCallback(settings.trials, states=FINISHED), progress],
+                callbacks=[
+                    MaxTrialsCallback(settings.trials, states=FINISHED),
+                    progress,
+                    # between two trials: one of another process on this host that died meanwhile
+                    lambda study, trial: recover_interrupted(study, tracker, rerun=needs_trials()),
+                ],
             )
+    recover_interrupted(study, tracker, rerun=needs_trials())  # one that died during this process's last trial
     # the last process to stop records the study: any other still running a trial records it after this one
     if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)

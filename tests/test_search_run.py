@@ -407,3 +407,51 @@ def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_int
     assert recover_interrupted(study, None) == [unnamed.number]
     retries = {t.user_attrs["retry_of"]: t for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
     assert retries[orphan.number].user_attrs["seed"] == 5 and "seed" not in retries[unnamed.number].user_attrs
+
+
+def test_a_trial_whose_process_dies_while_run_works_is_failed_between_trials_and_rerun_while_trials_are_needed(
+    pico_zoo, tmp_path, monkeypatch
+):
+    """Another process on this host dies mid-trial (a worker, killed): `run` fails its trial after its
+    own trial and re-runs it with its parameters; one that dies during the last trial is failed and
+    not re-run, so nothing is left RUNNING or queued once the study has its trials."""
+    import socket
+
+    import optuna
+
+    from search import study as study_module
+
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphans, calls = [], []
+    evaluate = study_module.TrialRunner._evaluate
+
+    def with_a_dying_neighbour(self, trial, run, seed):
+        calls.append(trial.number)
+        if len(calls) in (1, 3):  # during the first trial and during the last
+            orphan = trial.study.ask({"slerp/t/self_attn/0": optuna.distributions.FloatDistribution(0, 1)})
+            orphan.set_user_attr("owner", f"{socket.gethostname()}:{dead.pid}")
+            orphans.append((orphan.number, orphan.params["slerp/t/self_attn/0"]))
+        return evaluate(self, trial, run, seed)
+
+    monkeypatch.setattr(study_module.TrialRunner, "_evaluate", with_a_dying_neighbour)
+    path = write_experiment(tmp_path, study={"sampler": "random", "trials": 3})
+    assert main(["run", str(path)]) == 0
+
+    trials = study_in(tmp_path).get_trials(deepcopy=False)
+    (first, first_t), (last, _) = orphans
+    assert sorted(t.number for t in trials if t.state == TrialState.FAIL) == [first, last]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    rerun = [t for t in trials if t.user_attrs.get("retry_of") == first]
+    assert len(rerun) == 1 and rerun[0].state == TrialState.COMPLETE
+    assert rerun[0].params["slerp/t/self_attn/0"] == first_t
+    assert rerun[0].number == calls[1]  # the re-run is the next trial this process runs
+    assert not [t for t in trials if t.user_attrs.get("retry_of") == last]
+    notes = {row["trial"]: row["note"] for row in leaderboard(study_in(tmp_path))}
+    assert notes[first] == f"interrupted: {socket.gethostname()}:{dead.pid} ended mid-trial; re-run as trial {calls[1]}"
+    assert notes[last].endswith("ended mid-trial; not re-run: trials reached")
+    client, runs = runs_in(tmp_path)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    assert parent.info.status == "FINISHED"  # recorded: nothing left running
