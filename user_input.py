@@ -7,6 +7,7 @@ packages, so that none of them imports another package for it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,18 @@ if TYPE_CHECKING:
 
 class UserError(Exception):
     """A mistake in what the user gave; the one-line message names the file, key, model, task or tensor."""
+
+
+def env_int(name: str, default: int, meaning: str, minimum: int | None = None) -> int:
+    """The whole number in environment variable ``name``, ``default`` when it is unset or blank;
+    UserError naming the variable and its value otherwise."""
+    said = os.environ.get(name, "").strip()
+    if not said:
+        return default
+    if not (said.isascii() and said.removeprefix("-").isdigit()) or (minimum is not None and int(said) < minimum):
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise UserError(f"{name}={said!r}: expected a whole number{at_least} ({meaning})")
+    return int(said)
 
 
 def one_line(problem: ValidationError) -> str:

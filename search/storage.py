@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from search.tracking import STATE_TAG
 from search.urls import driver_hint, masked
-from user_input import UserError
+from user_input import UserError, env_int
 
 if TYPE_CHECKING:
     from search.tracking import Tracker
@@ -43,12 +43,7 @@ class StorageError(UserError):
 
 def heartbeat_seconds() -> int:
     """``SOUPSEARCH_HEARTBEAT_SECONDS`` (default 60): how often a trial on an RDB storage beats."""
-    said = os.environ.get(HEARTBEAT_ENV, "").strip()
-    if not said:
-        return HEARTBEAT_S
-    if not (said.isascii() and said.isdigit()) or int(said) < 1:
-        raise UserError(f"{HEARTBEAT_ENV}={said!r}: expected a whole number of seconds >= 1")
-    return int(said)
+    return env_int(HEARTBEAT_ENV, HEARTBEAT_S, "seconds between two heartbeats of a trial", minimum=1)
 
 
 class RetryStale:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 
-from user_input import UserError
+from user_input import env_int
 
 ZOO_FORMAT = 5  # bump when the trainer or the folder layout changes what a recipe builds
 ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
@@ -150,8 +149,5 @@ def recipe_for(variant: str, seed: int | None = None) -> Recipe:
     Other seeds redraw every source of training noise, to check that the zoo's claims are not luck.
     """
     if seed is None:
-        said = os.environ.get("SOUPSEARCH_ZOO_SEED", "").strip() or "0"
-        if not (said.isascii() and said.removeprefix("-").isdigit()):
-            raise UserError(f"SOUPSEARCH_ZOO_SEED={said!r}: expected a whole number (the zoo's training seed)")
-        seed = int(said)
+        seed = env_int("SOUPSEARCH_ZOO_SEED", 0, "the zoo's training seed")
     return replace(RECIPES[variant], seed=seed)
