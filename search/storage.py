@@ -4,16 +4,19 @@ whose process died.
 
 A trial names its owner (host:pid) as it starts. On one host a dead owner is seen by its PID; across
 hosts, an RDB storage's heartbeats fail a trial that stopped beating, and Optuna hands it to
-``RetryStale``. Either way ``retry`` enqueues it again with its parameters and seed. Optuna's own
+``RetryStale``. Either way ``retry`` enqueues it again with its parameters and seed; a trial found
+by its PID once the study has its trials is failed and not re-run. Optuna's own
 ``RetryFailedTrialCallback`` is not used: it copies every user attr of the dead trial (its owner and
 its MLflow run among them) into the re-run, and leaves that MLflow run open.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,10 +103,20 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_dead(owner: str) -> bool:
-    """Only a process on this host can be checked; other hosts rely on RDB heartbeats."""
+@functools.cache
+def pid_space() -> str:
+    """Where this process's PID is meaningful: the machine's boot and the PID namespace (container);
+    empty where /proc does not say. Machines and containers can share a hostname."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _owner_dead(owner: str, space: str) -> bool:
+    """Only a process of this host and PID namespace can be checked; others rely on RDB heartbeats."""
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
+    if host != socket.gethostname() or space != pid_space():
         return False
     try:
         os.kill(int(pid), 0)
@@ -117,13 +130,15 @@ def _owner_dead(owner: str) -> bool:
 def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     """A RUNNING trial whose process is gone, or that never named its process within the grace period."""
     if "owner" in trial.user_attrs:
-        return _owner_dead(trial.user_attrs["owner"])
+        return _owner_dead(trial.user_attrs["owner"], trial.user_attrs.get("pid_space", pid_space()))
     return trial.datetime_start is not None and datetime.now() - trial.datetime_start > OWNERLESS_GRACE
 
 
-def recover_interrupted(study: optuna.Study, tracker: Tracker | None, rerun: bool = True) -> list[int]:
-    """Fail each interrupted RUNNING trial; with ``rerun`` (the study still needs trials), enqueue it
-    again with its params and seed."""
+def recover_interrupted(
+    study: optuna.Study, tracker: Tracker | None, rerun: Callable[[], bool] = lambda: True
+) -> list[int]:
+    """Fail each interrupted RUNNING trial; enqueue it again with its params and seed if ``rerun()``
+    (the study still needs trials), else give it the reason it was not."""
     from optuna.exceptions import UpdateFinishedTrialError
 
     recovered = []
@@ -131,14 +146,16 @@ def recover_interrupted(study: optuna.Study, tracker: Tracker | None, rerun: boo
         if not interrupted(trial):
             continue
         reason = f"interrupted: {trial.user_attrs.get('owner', 'a process that never named itself')} ended mid-trial"
+        wanted = rerun()
+        again = wanted and trial.user_attrs.get("retries", 0) < MAX_RETRIES
         try:  # journal storage has no heartbeat; tell() fails any RUNNING trial by number
-            if not rerun:  # the failed trial keeps the reason itself: no re-run will carry it
-                reason += "; not re-run: trials reached"
+            if not again:  # the failed trial keeps the reason itself: no re-run will carry it
+                reason += "; not re-run: " + (f"{MAX_RETRIES} re-runs interrupted" if wanted else "trials reached")
                 study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             study.tell(trial.number, state=TrialState.FAIL)
         except (ValueError, UpdateFinishedTrialError):
             continue  # another process (or a stale heartbeat) failed it first, and re-runs it
-        retry(study, trial, tracker, reason, rerun)
+        retry(study, trial, tracker, reason, again)
         recovered.append(trial.number)
     return recovered
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from search.storage import (
     interrupted,
     open_storage,
     owner,
+    pid_space,
     recover_interrupted,
     storage_error,
 )
@@ -138,6 +140,7 @@ class TrialRunner:
         seed = trial.user_attrs.get("seed", self.seed * 1_000_003 + trial.number)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("owner", owner())
+        trial.set_user_attr("pid_space", pid_space())
         run = self.tracker.trial_run(self.parent_run, trial.study.study_name, trial.number)
         trial.set_user_attr("mlflow_run_id", run)
         state = TrialState.FAIL
@@ -284,9 +287,15 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                 "experiment.yaml": yaml.safe_dump(experiment.model_dump(mode="json", by_alias=True), sort_keys=False)
             },
         )
-    # a trial whose process died is run again while the study needs trials, whoever finds it
-    needs_trials = lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < settings.trials
-    recover_interrupted(study, tracker, rerun=needs_trials())
+
+    # a trial whose process died is run again while trials are needed: by this process's budget, or by
+    # another process still at work (a worker's budget can exceed this `run`'s)
+    def needs_trials() -> bool:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        return finished < settings.trials or any(not interrupted(t) for t in running)
+
+    recover_interrupted(study, tracker, rerun=needs_trials)
     if not join:
         baselines.score(study, experiment, bench, tracker, parent)
     # a resumed sampler must not replay the fresh stream (it would propose the finished trials again),
@@ -330,10 +339,15 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                     MaxTrialsCallback(settings.trials, states=FINISHED),
                     progress,
                     # between two trials: one of another process on this host that died meanwhile
-                    lambda study, trial: recover_interrupted(study, tracker, rerun=needs_trials()),
+                    lambda study, trial: recover_interrupted(study, tracker, rerun=needs_trials),
                 ],
             )
-    recover_interrupted(study, tracker, rerun=needs_trials())  # one that died during this process's last trial
+    # as this process stops: a trial of a process on this host that died meanwhile, and one whose
+    # heartbeat went stale (Optuna checks heartbeats only as a process starts a trial)
+    recover_interrupted(study, tracker, rerun=needs_trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     # the last process to stop records the study: any other still running a trial records it after this one
     if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)

@@ -40,6 +40,9 @@ def run_case(argv: list[str], cwd: str) -> dict:
 
 if __name__ == "__main__":
     cases = json.load(sys.stdin)
-    results = [run_case(argv, cwd) for argv, cwd in cases]
+    results = []
+    for argv, cwd in cases:
+        print("case:", json.dumps(argv), flush=True)  # the last such line names a case that hangs
+        results.append(run_case(argv, cwd))
     with open(sys.argv[1], "w") as out:
         json.dump(results, out)

@@ -307,16 +307,21 @@ def _run_batch(cases: list[tuple[list[str], Path]]) -> list[dict]:
     """Cases one after another in one interpreter (tests/cli_batch.py): what _run gives for each."""
     with tempfile.TemporaryDirectory() as scratch:
         results = Path(scratch) / "results.json"
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("cli_batch.py")), str(results)],
-            cwd=scratch,
-            env=ENV,
-            input=json.dumps([[arguments, str(cwd)] for arguments, cwd in cases]),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0 and results.is_file(), done.stderr[-3000:]
+        try:
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).with_name("cli_batch.py")), str(results)],
+                cwd=scratch,
+                env=ENV,
+                input=json.dumps([[arguments, str(cwd)] for arguments, cwd in cases]),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except subprocess.TimeoutExpired as hung:
+            started = [line for line in (hung.stdout or b"").decode().splitlines() if line.startswith("case: ")]
+            raise AssertionError(f"no result after 600 s; the last case started: {started[-1:]}") from None
+        # what the interpreter writes as it exits (threads, atexit) would follow a case's last line
+        assert done.returncode == 0 and results.is_file() and "Traceback" not in done.stderr, done.stderr[-3000:]
         return json.loads(results.read_text())
 
 

@@ -449,9 +449,34 @@ def test_a_trial_whose_process_dies_while_run_works_is_failed_between_trials_and
     assert rerun[0].params["slerp/t/self_attn/0"] == first_t
     assert rerun[0].number == calls[1]  # the re-run is the next trial this process runs
     assert not [t for t in trials if t.user_attrs.get("retry_of") == last]
+    assert len({tuple(sorted(t.params.items())) for t in trials if t.state == TrialState.COMPLETE}) == 3
     notes = {row["trial"]: row["note"] for row in leaderboard(study_in(tmp_path))}
     assert notes[first] == f"interrupted: {socket.gethostname()}:{dead.pid} ended mid-trial; re-run as trial {calls[1]}"
     assert notes[last].endswith("ended mid-trial; not re-run: trials reached")
     client, runs = runs_in(tmp_path)
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
     assert parent.info.status == "FINISHED"  # recorded: nothing left running
+
+
+def test_a_pid_is_judged_only_in_its_own_machine_and_pid_namespace(tmp_path, monkeypatch):
+    """Machines and containers can share a hostname: a PID that is gone here says nothing of a
+    process in another PID namespace or on another boot, so its trial is left to heartbeats."""
+    import socket
+
+    from search.experiment import load_experiment
+    from search.storage import interrupted, pid_space
+    from search.study import Settings, open_study
+
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(write_experiment(tmp_path))
+    study = open_study(experiment, Settings.of(experiment))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here, elsewhere, unsaid = study.ask(), study.ask(), study.ask()
+    for trial in (here, elsewhere, unsaid):
+        trial.set_user_attr("owner", f"{socket.gethostname()}:{dead.pid}")
+    here.set_user_attr("pid_space", pid_space())
+    elsewhere.set_user_attr("pid_space", "another-boot/pid:[4026531836]")
+    assert pid_space().count("/") == 1  # this test runs on Linux, where /proc says both
+    judged = {t.number: interrupted(t) for t in study.get_trials(deepcopy=False)}
+    assert judged == {here.number: True, elsewhere.number: False, unsaid.number: True}

@@ -1,5 +1,6 @@
 """A study's parent run while it resumes, heartbeat retries on an RDB storage, and the settings
-that hold URLs: checked without a PostgreSQL server (tests/test_postgres.py runs them on one)."""
+that hold URLs: checked without a PostgreSQL server (tests/test_postgres.py runs a study on one;
+there, on one host, a dead worker's trial is found by its PID before its heartbeat goes stale)."""
 
 import os
 import time
