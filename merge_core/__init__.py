@@ -14,10 +14,14 @@ from typing import TYPE_CHECKING
 # numba's OpenMP pool, started by the first parallel kernel, sets the process's OpenMP thread count,
 # which torch's CPU ops share: a process limited by OMP_NUM_THREADS starts numba with that limit
 # too, or every matmul after a merge would run on numba's count (the CPUs it may use). numba reads
-# it once, so only where numba is not imported yet.
-_omp = os.environ.get("OMP_NUM_THREADS", "")
-if "numba" not in sys.modules and _omp.isascii() and _omp.isdigit() and int(_omp) > 0:
-    os.environ.setdefault("NUMBA_NUM_THREADS", _omp)
+# it once, so only where numba is not imported yet. The mark tells a child process that its
+# inherited NUMBA_NUM_THREADS came from its parent's limit, not from the user: it uses its own.
+_omp, _mark = os.environ.get("OMP_NUM_THREADS", ""), "SOUPSEARCH_NUMBA_THREADS_FROM_OMP"
+if "numba" not in sys.modules:
+    if os.environ.get(_mark) is not None and os.environ.get(_mark) == os.environ.get("NUMBA_NUM_THREADS"):
+        del os.environ["NUMBA_NUM_THREADS"], os.environ[_mark]
+    if _omp.isascii() and _omp.isdigit() and int(_omp) > 0 and "NUMBA_NUM_THREADS" not in os.environ:
+        os.environ["NUMBA_NUM_THREADS"] = os.environ[_mark] = _omp
 
 if TYPE_CHECKING:
     from merge_core.engine import BuildReport, Candidate, Engine

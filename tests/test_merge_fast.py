@@ -319,9 +319,15 @@ print(json.dumps({{name: [sum(getattr(kernels, name).stats.cache_hits.values()),
     assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second
 
 
-def test_a_process_limited_by_omp_num_threads_keeps_torch_at_that_limit_after_a_merge(pico_zoo):
+@pytest.mark.parametrize(
+    "inherited",
+    [{}, {"NUMBA_NUM_THREADS": "2", "SOUPSEARCH_NUMBA_THREADS_FROM_OMP": "2"}],
+    ids=["fresh", "child of a process limited to 2"],
+)
+def test_a_process_limited_by_omp_num_threads_keeps_torch_at_that_limit_after_a_merge(pico_zoo, inherited):
     """numba's kernels share OpenMP with torch: under OMP_NUM_THREADS=N, the merge kernels run on N
-    threads, and so do torch's ops after them (not on every CPU)."""
+    threads, and so do torch's ops after them (not on every CPU); also in a process started by one
+    that had set numba's count from its own, other limit."""
     build = f"""
 import json, sys
 from pathlib import Path
@@ -337,6 +343,7 @@ print(json.dumps([before, torch.get_num_threads(), numba.get_num_threads()]))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("NUMBA_NUM_THREADS", None)
+    env.update(inherited)
     done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [1, 1, 1]  # before the merge, after it, and numba's
