@@ -13,6 +13,7 @@ and split, in the doc order lm-eval itself uses. Every touch of lm-eval's intern
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -20,7 +21,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,19 @@ FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default for the few-shot sample
 
 class TaskError(UserError):
     """A task that cannot be loaded or scored as asked; the message names it and says what to do."""
+
+
+@contextlib.contextmanager
+def _prompt_errors_named(name: str, task) -> Iterator[None]:
+    """lm-eval's failures to build a task's prompts (more few-shot examples than it has, say) as a
+    TaskError naming the task and its few-shot count."""
+    try:
+        yield
+    except (ValueError, IndexError, KeyError) as err:
+        shots = task.get_config("num_fewshot")
+        raise TaskError(
+            f"task {name!r} (num_fewshot {shots}): cannot build its prompts: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _local_copy(spec: TaskSpec, manager) -> str:
@@ -211,7 +225,7 @@ class Evaluator:
             task, spec = self.tasks[name], self.specs[name]
             ids = sorted(self.splits[name].ids(split))
             task.set_fewshot_seed(seed=FEWSHOT_SEED)  # the same few-shot draw as a fresh lm_eval run on this split
-            with patches.quiet_request_building():
+            with patches.quiet_request_building(), _prompt_errors_named(name, task):
                 type(task).build_all_requests(
                     task,
                     samples=ids,

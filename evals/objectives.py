@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,8 @@ class Objective(BaseModel):
     @field_validator("weights")
     @classmethod
     def _usable(cls, weights: dict[str, float]) -> dict[str, float]:
-        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"objective weights must be >= 0 with a positive sum, got {weights}")
+        if not weights or not all(0 <= w < math.inf for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"objective weights must be finite and >= 0 with a positive sum, got {weights}")
         return weights
 
     @property

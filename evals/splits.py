@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+from user_input import UserError
+
 SPLITS = ("search", "select", "test")
 PROCEDURE = "seeded-shuffle-v1"
 
@@ -38,7 +40,7 @@ class ItemSplits:
 
 def split_items(task: str, n_items: int, seed: int = 0, fractions: tuple[float, float] = (1 / 3, 1 / 3)) -> ItemSplits:
     if n_items < 3:
-        raise ValueError(f"task {task!r} has {n_items} items; at least 3 are needed to split")
+        raise UserError(f"task {task!r} has {n_items} items; at least 3 are needed to split")
     order = list(range(n_items))
     random.Random(f"{seed}:{task}").shuffle(order)
     n_search = max(1, round(fractions[0] * n_items))

@@ -35,6 +35,12 @@ def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = 
     engine = Engine(parents)
     plan = engine.plan(config)
     report = engine.build(plan, seed=seed)
+    for job in plan.jobs:  # mergekit-yaml would write it; a model of NaNs is never what was meant
+        if not bool(engine.candidate.tensors[job.name].isfinite().all()):
+            raise MergeInputError(
+                f"{path}: the merge makes tensor {job.name} NaN or infinite (weights that sum to 0 under "
+                "normalize divide by 0, for one)"
+            )
     with atomic_folder(out) as staging:
         write_folder(engine, plan, config, text, staging, name=out.name)
     return report

@@ -80,6 +80,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"model {model_dir}: {problem}") from None
     evaluator = Evaluator(model, tokenizer, specs)
     result = evaluator.score(args.split, limit=args.limit)
+    if not result.ok:  # the model, its tasks and their options are all the user's (a generation option, say)
+        raise UserError(f"model {model_dir}: evaluation failed: {result.error}")
     print(result.table())
     if args.json:
         record = {
@@ -88,7 +90,7 @@ def _eval(args: argparse.Namespace) -> int:
             "splits": {name: s.record() for name, s in evaluator.splits.items()},
         }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    return EXIT_OK if result.ok else EXIT_FAILURE
+    return EXIT_OK
 
 
 def _positive_int(text: str) -> int:

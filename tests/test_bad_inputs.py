@@ -111,6 +111,7 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     (files / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (files / "garbage.parquet").write_bytes(b"PAR1" + os.urandom(300) + b"PAR1")
     (files / "wrong.jsonl").write_text('{"foo": 1, "bar": "x"}\n{"foo": 2, "bar": "y"}\n')
+    (files / "one.jsonl").write_text('{"answer": "1 + 2 = 3.\\n#### 3", "question": "What is 1 + 2?"}\n')
     (files / "mlflow.db").write_bytes(b"this is no sqlite database" * 100)
     f["files"] = files
 
@@ -144,6 +145,7 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     experiment("malformed", text="name: [pico\nmodels: {\n")
     experiment("list", text="- name: pico\n")
     experiment("typo", studdy={"trials": 2})
+    experiment("nan-weight", evaluation={**PICO_SLERP["evaluation"], "objective": {"tiny_gsm8k": float("nan")}})
     for name, content in (
         ("middle", b'{"op_code": 0, "worker_id": "w"}\n{garbage\n{"op_code": 1}\n'),
         ("garbage", b"{garbage\n"),
@@ -169,6 +171,11 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
         )
 
     merge_config("ok", slerp())
+    merge_config(
+        "zero-weights",
+        f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0}}}}\n"
+        f"  - {{model: {other}, parameters: {{weight: 0}}}}\n",
+    )
     merge_config("unknown-top", slerp(extra="normalise: true\n"))
     merge_config("unknown-nested", slerp().replace(f"  - model: {other}\n", f"  - model: {other}\n    wieght: 1\n"))
     merge_config("duplicate", slerp(extra="merge_method: linear\n"))
@@ -207,6 +214,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "duplicate key": (["validate", x["duplicate"]], "duplicate key 'seed'"),
             "a list": (["validate", x["list"]], "list.yaml"),
             "unknown key": (["validate", x["typo"]], "studdy"),
+            "NaN objective weight": (["validate", x["nan-weight"]], "objective weights must be finite"),
             "grid over two methods (validate)": (["validate", x["two-methods-grid"]], "study.sampler"),
             "grid over two methods (run)": (["run", x["two-methods-grid"]], "study.sampler"),
             "unset variable": (["validate", x["unset-var"]], "SOUP_TEST_UNSET"),
@@ -256,6 +264,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "bin-only parent": (["merge", m["bin"], str(root / "o10")], "safetensors only"),
             "bad config.json": (["merge", m["badcfg"], str(root / "o11")], "config.json"),
             "NaN parent": (["merge", m["nan"], str(root / "o12")], "model.layers.1.mlp.up_proj.weight"),
+            "weights that sum to 0": (["merge", m["zero-weights"], str(root / "o13")], "NaN or infinite"),
         },
         "eval": {
             "no tasks": (["eval", model, "--tasks", ""], "--tasks"),
@@ -274,6 +283,12 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
                 [*eval_, "--data", f"tiny_addition:test={files / 'garbage.parquet'}"],
                 "garbage.parquet",
             ),
+            "a JSONL of one item": (
+                ["eval", model, "--tasks", "tiny_addition", "--data", f"tiny_addition:test={files / 'one.jsonl'}"],
+                "1 items",
+            ),
+            "more few-shot examples than items": ([*eval_, "--num-fewshot", "100000"], "num_fewshot 100000"),
+            "a generation option of the wrong type": ([*eval_, "--gen-kwargs", "temperature=abc"], "'abc'"),
             "JSONL of another schema": (
                 [*eval_, "--data", f"tiny_addition:test={files / 'wrong.jsonl'}"],
                 "wrong.jsonl",
