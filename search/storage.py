@@ -12,11 +12,12 @@ its MLflow run among them) into the re-run, and leaves that MLflow run open.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,19 +63,25 @@ class RetryStale:
         retry(study, trial, self.tracker, f"interrupted: {owner} stopped sending heartbeats")
 
 
+@contextlib.contextmanager
+def _heartbeats_on_purpose() -> Iterator[None]:
+    """Optuna calls heartbeats and their callback "experimental"; they are used on purpose."""
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
 def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseStorage:
     """An RDB URL (many machines, with heartbeats) or a journal file (one machine; the default)."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
     try:
         if spec is not None and "://" in spec:
             beat = heartbeat_seconds()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats and retries are used on purpose
+            with _heartbeats_on_purpose():
                 return RDBStorage(
                     spec, heartbeat_interval=beat, grace_period=2 * beat, heartbeat_stale_trial_callback=RetryStale()
                 )
@@ -158,6 +165,13 @@ def recover_interrupted(
         retry(study, trial, tracker, reason, again)
         recovered.append(trial.number)
     return recovered
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail, and re-run through ``RetryStale``, the trials whose heartbeat went stale; Optuna itself
+    checks only as a process starts a trial. Nothing on a storage without heartbeats."""
+    with _heartbeats_on_purpose():
+        optuna.storages.fail_stale_trials(study)
 
 
 def retry(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ from search.storage import (
     DEFAULT_JOURNAL,
     RetryStale,
     StorageError,
+    fail_stale,
     interrupted,
     open_storage,
     owner,
@@ -288,12 +288,10 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
             },
         )
 
-    # a trial whose process died is run again while trials are needed: by this process's budget, or by
-    # another process still at work (a worker's budget can exceed this `run`'s)
+    # a trial whose process died is run again while this process needs trials, so that this process
+    # runs the re-run itself: one queued for another process could be left waiting when it stops
     def needs_trials() -> bool:
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        return finished < settings.trials or any(not interrupted(t) for t in running)
+        return len(study.get_trials(deepcopy=False, states=FINISHED)) < settings.trials
 
     recover_interrupted(study, tracker, rerun=needs_trials)
     if not join:
@@ -343,11 +341,9 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
                 ],
             )
     # as this process stops: a trial of a process on this host that died meanwhile, and one whose
-    # heartbeat went stale (Optuna checks heartbeats only as a process starts a trial)
+    # heartbeat went stale
     recover_interrupted(study, tracker, rerun=needs_trials)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_stale(study)
     # the last process to stop records the study: any other still running a trial records it after this one
     if all(interrupted(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         record_study(study, tracker, parent)
