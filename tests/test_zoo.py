@@ -283,3 +283,52 @@ def test_a_target_schedule_trains_until_the_probe_is_met_then_decays(pico_zoo):
     finally:
         torch.optim.AdamW = original
     assert rates[4:] == pytest.approx([5e-4 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+
+
+def test_a_specialist_with_a_target_trains_on_its_own_probe_with_its_own_replay(tmp_path, monkeypatch):
+    """``specialist_target`` and ``specialist_replay`` change that task's specialist only: it trains
+    until it solves the target share of its own task's probe problems, on its own mixture."""
+    import itertools
+    from dataclasses import replace
+
+    from evals.tasks.synthetic import eval_items, training_stream
+    from zoo.recipe import SPECIALIST_DECAY, TASKS, WORD_PROBLEMS, Schedule
+
+    quick = Schedule(steps=2, lr=1e-3, batch_size=4, warmup=1)
+    recipe = replace(
+        PICO,
+        base=quick,
+        specialist=quick,
+        specialist_scale=(),
+        ingredients=(),
+        specialist_target=((WORD_PROBLEMS, 0.9),),
+        specialist_replay=((WORD_PROBLEMS, 0.1),),
+    )
+    held_out = {item["question"] for task in TASKS for item in eval_items(task)}
+    word_problems = list(itertools.islice(training_stream(WORD_PROBLEMS, 999, held_out), recipe.probe_items))
+    shares, fits = [], []
+    real_mixture, real_train = build.mixture, build.train
+
+    def recording_mixture(streams, weights, seed, render):
+        shares.append(weights)
+        return real_mixture(streams, weights, seed, render)
+
+    def recording_train(model, documents, tokenizer, schedule, on_step, probe=None):
+        fits.append((schedule, probe(model) if probe else None))
+        return real_train(model, documents, tokenizer, replace(schedule, target=None, decay=0), on_step, probe)
+
+    monkeypatch.setattr(build, "mixture", recording_mixture)
+    monkeypatch.setattr(build, "train", recording_train)
+    monkeypatch.setattr(build, "answer_accuracy", lambda model, tokenizer, items: float(items == word_problems))
+    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
+    build_zoo(recipe, progress=False)
+    # the tokenizer's corpus, the base, then one specialist per task in TASKS' order
+    specialists = dict(zip(TASKS, zip(shares[2:], fits[1:])))
+    assert fits[0][1] == 1 / len(TASKS)  # the base's probe: the mean over every task's problems
+    for task, (mixture_shares, (schedule, probed)) in specialists.items():
+        if task == WORD_PROBLEMS:
+            assert mixture_shares[task] == pytest.approx(0.9) and schedule.target == 0.9
+            assert schedule.decay == SPECIALIST_DECAY and probed == 1.0  # its own task's problems
+        else:
+            assert mixture_shares == recipe.fine_tune_mixture(task) and mixture_shares[task] == 0.5
+            assert schedule == quick

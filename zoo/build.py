@@ -194,48 +194,59 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     corpus = mixture(streams(-1), {t: 1.0 for t in TASKS}, recipe.seed, format_document)
     tokenizer = train_tokenizer(itertools.islice(corpus, recipe.tokenizer_documents), recipe.vocab_size)
 
-    # a base with a target stops its stable phase early: its bar counts the longest it can take
-    base_steps = recipe.base.steps + recipe.base.decay
+    # a schedule with a target stops its stable phase early: the bar counts the longest it can take,
+    # then drops what a schedule did not use
+    longest = lambda schedule: schedule.steps + schedule.decay
     total = (
-        base_steps + sum(recipe.specialist_schedule(t).steps for t in TASKS) + sum(s.steps for s in recipe.ingredients)
+        longest(recipe.base)
+        + sum(longest(recipe.specialist_schedule(t)) for t in TASKS)
+        + sum(s.steps for s in recipe.ingredients)
     )
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
 
     def fit(label: str, model, documents, schedule, probe=None):
         bar.set_postfix_str(label)
-        return train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update(), probe=probe)
+        before = bar.n
+        model = train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update(), probe=probe)
+        bar.total -= longest(schedule) - (bar.n - before)
+        return model
 
     def save(label: str, model) -> None:
         model.save_pretrained(out / label, safe_serialization=True)
         tokenizer.save_pretrained(out / label)
 
-    # the base's probe: problems of every task from a stream of their own, none an evaluation item
+    # the probes: problems of every task from a stream of their own, none an evaluation item
     problems = {
         t: list(itertools.islice(training_stream(t, recipe.seed * 1000 + 999, held_out), recipe.probe_items))
         for t in TASKS
     }
-    probe = lambda model: sum(answer_accuracy(model, tokenizer, problems[t]) for t in TASKS) / len(TASKS)
+    solved = lambda model, task: answer_accuracy(model, tokenizer, problems[task])
     base = new_model(recipe.shape, tokenizer, recipe.seed)
-    before = bar.n
-    fit("base", base, mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document), recipe.base, probe)
-    bar.total -= base_steps - (bar.n - before)
+    base_probe = lambda model: sum(solved(model, t) for t in TASKS) / len(TASKS)
+    fit(
+        "base",
+        base,
+        mixture(streams(0), {t: 1.0 for t in TASKS}, recipe.seed, format_document),
+        recipe.base,
+        base_probe,
+    )
     save("base", base)
 
-    def fine_tune(label: str, task: str, stream_seed: int, schedule):
-        documents = mixture(streams(stream_seed), recipe.fine_tune_mixture(task), stream_seed, format_document)
-        return fit(label, copy.deepcopy(base), documents, schedule)
+    def fine_tune(label: str, task: str, stream_seed: int, schedule, shares: dict[str, float]):
+        documents = mixture(streams(stream_seed), shares, stream_seed, format_document)
+        return fit(label, copy.deepcopy(base), documents, schedule, probe=lambda model: solved(model, task))
 
     specialists = {}
     for i, task in enumerate(TASKS, start=1):
         name = f"specialist-{task.removeprefix('tiny_')}"
-        specialists[task] = fine_tune(name, task, i, recipe.specialist_schedule(task))
+        specialists[task] = fine_tune(name, task, i, recipe.specialist_schedule(task), recipe.specialist_mixture(task))
         save(name, specialists[task])
 
     save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))
 
     for i, schedule in enumerate(recipe.ingredients):
         name = f"ingredient-{i:02d}"
-        save(name, fine_tune(name, WORD_PROBLEMS, 100 + i, schedule))
+        save(name, fine_tune(name, WORD_PROBLEMS, 100 + i, schedule, recipe.fine_tune_mixture(WORD_PROBLEMS)))
     bar.close()
 
 
