@@ -151,6 +151,7 @@ PICO = replace(
     base=Schedule(steps=250, lr=5e-3, batch_size=16, warmup=20),
     specialist=Schedule(steps=100, lr=3e-3, batch_size=16, warmup=5, seed=1),
     specialist_scale=(("tiny_multiplication", 2.5),),
+    # one common fine-tune for every task: the pico zoo serves the tests, not the claims
     specialist_target=(),
     specialist_replay=(),
     ingredients=tuple(replace(s, batch_size=16) for s in _sweep(steps=12, lr=3e-3)),
