@@ -287,7 +287,8 @@ def test_a_target_schedule_trains_until_the_probe_is_met_then_decays(pico_zoo):
 
 def test_a_specialist_with_a_target_trains_on_its_own_probe_with_its_own_replay(tmp_path, monkeypatch):
     """``specialist_target`` and ``specialist_replay`` change that task's specialist only: it trains
-    until it solves the target share of its own task's probe problems, on its own mixture."""
+    until it solves the target share of its own task's probe problems, on its own mixture; the
+    other specialists and the soup ingredients keep the recipe's replay."""
     import itertools
     from dataclasses import replace
 
@@ -300,11 +301,12 @@ def test_a_specialist_with_a_target_trains_on_its_own_probe_with_its_own_replay(
         base=quick,
         specialist=quick,
         specialist_scale=(),
-        ingredients=(),
-        specialist_target=((WORD_PROBLEMS, 0.9),),
-        specialist_replay=((WORD_PROBLEMS, 0.1),),
+        ingredients=(quick,),
+        specialist_target=((WORD_PROBLEMS, 0.7),),
+        specialist_replay=((WORD_PROBLEMS, 0.2),),
     )
     held_out = {item["question"] for task in TASKS for item in eval_items(task)}
+    # the probe problems as zoo/build.py draws them: a stream of their own (seed 0 x 1000 + 999)
     word_problems = list(itertools.islice(training_stream(WORD_PROBLEMS, 999, held_out), recipe.probe_items))
     shares, fits = [], []
     real_mixture, real_train = build.mixture, build.train
@@ -322,13 +324,23 @@ def test_a_specialist_with_a_target_trains_on_its_own_probe_with_its_own_replay(
     monkeypatch.setattr(build, "answer_accuracy", lambda model, tokenizer, items: float(items == word_problems))
     monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
     build_zoo(recipe, progress=False)
-    # the tokenizer's corpus, the base, then one specialist per task in TASKS' order
-    specialists = dict(zip(TASKS, zip(shares[2:], fits[1:])))
+    # the tokenizer's corpus, the base, one specialist per task in TASKS' order, the ingredient
+    assert len(shares) == 2 + len(TASKS) + 1 and len(fits) == 1 + len(TASKS) + 1
     assert fits[0][1] == 1 / len(TASKS)  # the base's probe: the mean over every task's problems
-    for task, (mixture_shares, (schedule, probed)) in specialists.items():
+    for task, mixture_shares, (schedule, probed) in zip(TASKS, shares[2:], fits[1:]):
+        assert mixture_shares == recipe.specialist_mixture(task) and max(mixture_shares, key=mixture_shares.get) == task
         if task == WORD_PROBLEMS:
-            assert mixture_shares[task] == pytest.approx(0.9) and schedule.target == 0.9
-            assert schedule.decay == SPECIALIST_DECAY and probed == 1.0  # its own task's problems
+            assert mixture_shares[task] == pytest.approx(0.8)
+            assert (schedule.target, schedule.decay) == (0.7, SPECIALIST_DECAY)
+            assert probed == 1.0  # its own task's probe problems
         else:
-            assert mixture_shares == recipe.fine_tune_mixture(task) and mixture_shares[task] == 0.5
-            assert schedule == quick
+            assert mixture_shares[task] == 0.5 and schedule == quick
+    assert shares[-1][WORD_PROBLEMS] == 0.5 and fits[-1] == (quick, None)  # the ingredient
+
+
+@pytest.mark.slow
+def test_a_quiet_zoo_build_prints_the_folder_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
+    assert main(["zoo", "build", "--variant", "pico", "--train", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"zoo pico: {zoo_dir(PICO)}\n" and err == ""

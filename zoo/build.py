@@ -200,7 +200,7 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     total = (
         longest(recipe.base)
         + sum(longest(recipe.specialist_schedule(t)) for t in TASKS)
-        + sum(s.steps for s in recipe.ingredients)
+        + sum(longest(s) for s in recipe.ingredients)
     )
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
 
@@ -232,21 +232,22 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     )
     save("base", base)
 
-    def fine_tune(label: str, task: str, stream_seed: int, schedule, shares: dict[str, float]):
+    def fine_tune(label: str, stream_seed: int, schedule, shares: dict[str, float], probe=None):
         documents = mixture(streams(stream_seed), shares, stream_seed, format_document)
-        return fit(label, copy.deepcopy(base), documents, schedule, probe=lambda model: solved(model, task))
+        return fit(label, copy.deepcopy(base), documents, schedule, probe)
 
     specialists = {}
     for i, task in enumerate(TASKS, start=1):
         name = f"specialist-{task.removeprefix('tiny_')}"
-        specialists[task] = fine_tune(name, task, i, recipe.specialist_schedule(task), recipe.specialist_mixture(task))
+        schedule, shares = recipe.specialist_schedule(task), recipe.specialist_mixture(task)
+        specialists[task] = fine_tune(name, i, schedule, shares, probe=lambda model, task=task: solved(model, task))
         save(name, specialists[task])
 
     save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))
 
     for i, schedule in enumerate(recipe.ingredients):
         name = f"ingredient-{i:02d}"
-        save(name, fine_tune(name, WORD_PROBLEMS, 100 + i, schedule, recipe.fine_tune_mixture(WORD_PROBLEMS)))
+        save(name, fine_tune(name, 100 + i, schedule, recipe.fine_tune_mixture(WORD_PROBLEMS)))
     bar.close()
 
 

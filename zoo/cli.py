@@ -14,10 +14,11 @@ def _zoo_build(args: argparse.Namespace) -> int:
     from zoo.build import build_zoo, open_zoo
     from zoo.recipe import recipe_for
 
+    progress = args.verbosity > 0  # --quiet: the folder alone
     if args.train:
-        folder = build_zoo(recipe_for(args.variant, args.seed))
+        folder = build_zoo(recipe_for(args.variant, args.seed), progress=progress)
     else:
-        folder = open_zoo(args.variant, seed=args.seed)
+        folder = open_zoo(args.variant, seed=args.seed, progress=progress)
     print(f"zoo {args.variant}: {folder}")
     return 0
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 
 from user_input import env_int
 
-ZOO_FORMAT = 5  # bump when the trainer or the folder layout changes what a recipe builds
+ZOO_FORMAT = 5  # bump when the trainer, a constant below or the folder layout changes what a recipe builds
 ARITHMETIC = ("tiny_addition", "tiny_subtraction", "tiny_multiplication")
 WORD_PROBLEMS = "tiny_gsm8k"
 TASKS = (*ARITHMETIC, WORD_PROBLEMS)
@@ -52,15 +52,17 @@ class Recipe:
     specialist: Schedule  # one fine-tune of the base per task
     ingredients: tuple[Schedule, ...]  # the soup sweep: fine-tunes on the word problems
     # tasks whose specialist trains longer: multiplication is the hardest, and at the common
-    # length its gain over the base stayed inside the 95% CI; for the word problems, a cap
+    # length its gain over the base stayed inside the 95% CI; for a task with a target (below),
+    # the scaled steps cap the stable phase
     specialist_scale: tuple[tuple[str, float], ...] = (("tiny_multiplication", 4.0), (WORD_PROBLEMS, 5.0))
-    # tasks whose specialist trains to a share of its own probe problems (the scaled steps cap the
-    # stable phase), then 100 steps of decay: under a fixed number of steps, one training seed's
-    # word-problem fine-tune stayed on a plateau no better than the base (docs/performance.md)
+    # tasks whose specialist trains to a share of its own probe problems, then SPECIALIST_DECAY steps
+    # of decay: under a fixed number of steps, one training seed's word-problem fine-tune stayed on
+    # a plateau no better than the base (docs/performance.md)
     specialist_target: tuple[tuple[str, float], ...] = ((WORD_PROBLEMS, 0.5),)
     replay: float = 0.5  # share of the other tasks mixed into every fine-tune, against forgetting
-    # tasks whose specialist replays less: with half replay the word-problem specialist also
-    # outgrew the general model at arithmetic, and no merge of the two beat it (docs/performance.md)
+    # tasks whose specialist replays less, so that the general model complements it: with half
+    # replay the word-problem specialist also outgrew the general model at arithmetic, and the
+    # demo's merges gained less over it (docs/performance.md)
     specialist_replay: tuple[tuple[str, float], ...] = ((WORD_PROBLEMS, 0.1),)
     general_density: float = 0.5  # DARE-TIES over the arithmetic specialists
     # CPU threads change the float sums, so they are part of the recipe; one thread also keeps a
@@ -92,6 +94,7 @@ class Recipe:
         return {t: replay / (len(TASKS) - 1) for t in TASKS} | {task: 1 - replay}
 
     def specialist_mixture(self, task: str) -> dict[str, float]:
+        """The mixture of ``task``'s specialist: its own replay if ``specialist_replay`` has one."""
         return self.fine_tune_mixture(task, dict(self.specialist_replay).get(task))
 
     @property
