@@ -16,7 +16,7 @@ from atomic import atomic_folder
 from merge_core.config import load_config
 from merge_core.engine import BuildReport, Engine
 from merge_core.errors import MergeInputError
-from merge_core.parents import Parents
+from merge_core.parents import Parents, finite
 from merge_core.planner import MergePlan
 from user_input import parse_yaml, read_text
 
@@ -36,7 +36,7 @@ def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = 
     plan = engine.plan(config)
     report = engine.build(plan, seed=seed)
     for job in plan.jobs:  # mergekit-yaml would write it; a model of NaNs is never what was meant
-        if not bool(engine.candidate.tensors[job.name].isfinite().all()):
+        if not finite(engine.candidate.tensors[job.name]):
             raise MergeInputError(
                 f"{path}: the merge makes tensor {job.name} NaN or infinite (weights that sum to 0 under "
                 "normalize divide by 0, for one)"

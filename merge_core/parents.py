@@ -33,6 +33,11 @@ def model_key(model: object) -> str:
     return os.path.realpath(path) if os.path.exists(path) else path
 
 
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor`` (integer tensors hold neither)."""
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
 @dataclass(frozen=True)
 class TensorHeader:
     shape: tuple[int, ...]
@@ -101,7 +106,7 @@ class Parent:
             with safe_open(file, framework="pt") as reader:
                 for name in names:
                     tensor = reader.get_tensor(name)
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    if not finite(tensor):
                         raise ParentError(f"model {self.key}: tensor {name} contains NaN or Inf")
                     tensor = tensor.pin_memory() if pin else tensor
                     tensors[name] = tensor.to(device)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,8 +199,6 @@ def test_bad_storage_or_tracking_uri_exits_2_and_writes_nothing(pico_zoo, tmp_pa
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -376,7 +375,6 @@ def test_halving_prunes_below_the_top_rung_only_so_every_full_evaluation_complet
 
 
 def test_status_and_recovery_call_a_trial_of_a_dead_process_or_of_no_process_interrupted(tmp_path, monkeypatch, capsys):
-    import socket
     from datetime import timedelta
 
     import optuna
@@ -415,8 +413,6 @@ def test_a_trial_whose_process_dies_while_run_works_is_failed_between_trials_and
     """Another process on this host dies mid-trial (a worker, killed): `run` fails its trial after its
     own trial and re-runs it with its parameters; one that dies during the last trial is failed and
     not re-run, so nothing is left RUNNING or queued once the study has its trials."""
-    import socket
-
     import optuna
 
     from search import study as study_module
@@ -461,8 +457,6 @@ def test_a_trial_whose_process_dies_while_run_works_is_failed_between_trials_and
 def test_a_pid_is_judged_only_in_its_own_machine_and_pid_namespace(tmp_path, monkeypatch):
     """Machines and containers can share a hostname: a PID that is gone here says nothing of a
     process in another PID namespace or on another boot, so its trial is left to heartbeats."""
-    import socket
-
     from search.experiment import load_experiment
     from search.storage import interrupted, pid_space
     from search.study import Settings, open_study
