@@ -44,7 +44,8 @@ def configure(level: int) -> None:
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
 
 
-def _bars() -> bool:
+def bars() -> bool:
+    """Whether this process shows bars: not --quiet, and both stdout and stderr are terminals."""
     return _level >= NORMAL and sys.stdout.isatty() and sys.stderr.isatty()
 
 
@@ -63,7 +64,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.desc, self.total, self.done = desc, total, initial
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True) if _bars() else None
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True) if bars() else None
 
     def update(self, note: str, **postfix: object) -> None:
         """A step done: ``note`` says which (the plain line); ``postfix`` stands beside the bar."""

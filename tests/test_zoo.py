@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -336,6 +337,28 @@ def test_a_specialist_with_a_target_trains_on_its_own_probe_with_its_own_replay(
         else:
             assert mixture_shares[task] == 0.5 and schedule == quick
     assert shares[-1][WORD_PROBLEMS] == 0.5 and fits[-1] == (quick, None)  # the ingredient
+
+
+def test_a_build_off_a_terminal_shows_one_plain_line_per_model(tmp_path, monkeypatch, capsys):
+    """In a log or CI (stderr not a terminal) a build shows no bar: one line per model, in the
+    recipe's order, with what it took; stdout stays empty."""
+    from dataclasses import replace
+
+    from search import output
+    from zoo.recipe import Schedule
+
+    quick = Schedule(steps=2, lr=1e-3, batch_size=4, warmup=1)
+    recipe = replace(PICO, base=quick, specialist=quick, specialist_scale=(), ingredients=(quick, quick))
+    monkeypatch.setattr(output, "_level", output.NORMAL)
+    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
+    build_zoo(recipe, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "\r" not in err
+    lines, n = err.splitlines(), len(recipe.models)
+    assert [line.split(": ")[0] for line in lines] == [f"zoo pico {i}/{n}" for i in range(1, n + 1)]
+    assert [line.split(": ")[1].split()[0] for line in lines] == recipe.models
+    for name, line in zip(recipe.models, lines):
+        assert re.search(r"merged \(DARE-TIES" if name == "general" else r"trained \(2 steps, \d+ s\)$", line), line
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from atomic import atomic_folder, atomic_write_text, clear_leftovers
 from evals.tasks import cache_root
 from evals.tasks.synthetic import eval_items, format_document, training_stream
+from search import output
 from user_input import UserError
 from zoo.recipe import ARITHMETIC, TASKS, WORD_PROBLEMS, Recipe, recipe_for
 from zoo.tokenizer import train_tokenizer
@@ -202,13 +204,27 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
         + sum(longest(recipe.specialist_schedule(t)) for t in TASKS)
         + sum(longest(s) for s in recipe.ingredients)
     )
-    bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not progress)
+    # progress: a bar over every step on a terminal, otherwise one line per model
+    bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not (progress and output.bars()))
+    done = []
+
+    def saved(label: str, how: str) -> None:
+        done.append(label)
+        if progress and bar.disable:
+            output.say(f"zoo {recipe.name} {len(done)}/{len(recipe.models)}: {label} {how}")
 
     def fit(label: str, model, documents, schedule, probe=None):
         bar.set_postfix_str(label)
-        before = bar.n
-        model = train(model, documents, tokenizer, schedule, on_step=lambda step, loss: bar.update(), probe=probe)
-        bar.total -= longest(schedule) - (bar.n - before)
+        steps, start = 0, time.monotonic()
+
+        def on_step(step: int, loss: float) -> None:
+            nonlocal steps
+            steps += 1
+            bar.update()
+
+        model = train(model, documents, tokenizer, schedule, on_step=on_step, probe=probe)
+        bar.total -= longest(schedule) - steps
+        saved(label, f"trained ({steps} steps, {time.monotonic() - start:.0f} s)")
         return model
 
     def save(label: str, model) -> None:
@@ -244,6 +260,7 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
         save(name, specialists[task])
 
     save("general", _general(recipe, base, [specialists[t] for t in ARITHMETIC]))
+    saved("general", "merged (DARE-TIES of the arithmetic specialists)")
 
     for i, schedule in enumerate(recipe.ingredients):
         name = f"ingredient-{i:02d}"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from atomic import atomic_write_text
 from evals.harness import Evaluator, load_model
 from evals.results import TaskScore
+from search import output
 from zoo.build import open_zoo, verify, weights_digest
 from zoo.recipe import TASKS, WORD_PROBLEMS, Recipe, recipe_for
 
@@ -108,24 +108,22 @@ def measure(variant: str, seed: int | None = None, progress: bool = True, claims
     names = [n for n in recipe.models if n == "base" or n.startswith("specialist")] if claims_only else recipe.models
     weights = {name: load_file(folder / name / "model.safetensors") for name in names}
     ingredients = [n for n in names if n.startswith("ingredient")]
-    bar = tqdm(
-        total=len(weights)
-        + len(ingredients)
-        + len(MERGE_PAIRS) * (sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID)),
-        desc=f"zoo report {recipe.folder_name}",
-        disable=not progress,
-    )
+    total = len(weights) + len(ingredients) + len(MERGE_PAIRS) * (sum(map(len, MERGE_GRID.values())) + len(MERGE_GRID))
+    shown = output.Progress(f"zoo report {recipe.folder_name}", total, "score") if progress else None
 
-    def score(state: dict, split: str, tasks=TASKS) -> dict[str, TaskScore]:
+    def score(state: dict, split: str, label: str, tasks=TASKS) -> dict[str, TaskScore]:
         with torch.no_grad():
             model.load_state_dict(state)
-        bar.update()
-        return evaluator.score(split, tasks=tasks)
+        scores = evaluator.score(split, tasks=tasks)
+        if shown is not None:
+            shown.update(f"{label} on {split}")
+        return scores
 
-    test = {name: score(state, "test") for name, state in weights.items()}
-    ingredient_select = {n: score(weights[n], "select", [WORD_PROBLEMS])[WORD_PROBLEMS] for n in ingredients}
+    test = {name: score(state, "test", name) for name, state in weights.items()}
+    ingredient_select = {n: score(weights[n], "select", n, [WORD_PROBLEMS])[WORD_PROBLEMS] for n in ingredients}
     merges = {pair: _best_merges(pair, weights, score) for pair in MERGE_PAIRS}
-    bar.close()
+    if shown is not None:
+        shown.close()
     return Measures(recipe, test, ingredient_select, merges, verify(folder)["files"])
 
 
@@ -204,10 +202,10 @@ def _best_merges(pair: tuple[str, str], weights: dict, score) -> dict:
         tried = []
         for setting in grid:
             state = _merge_pair(method, setting, weights["base"], weights[a_name], weights[b_name])
-            select = score(state, "select", pair)
+            select = score(state, "select", f"{method} {a_name} + {b_name} ({_settings(setting)})", pair)
             tried.append((sum(select[t].mean for t in pair) / 2, setting, state))
         _, best, state = max(tried, key=lambda row: row[0])  # first best on ties: the grid order
-        merges[method] = (best, score(state, "test", pair))
+        merges[method] = (best, score(state, "test", f"{method} {a_name} + {b_name} ({_settings(best)})", pair))
     return merges
 
 
