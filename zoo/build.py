@@ -206,12 +206,12 @@ def _train_all(recipe: Recipe, out: Path, progress: bool) -> None:
     )
     # progress: a bar over every step on a terminal, otherwise one line per model
     bar = tqdm(total=total, desc=f"zoo {recipe.name}", unit="step", disable=not (progress and output.bars()))
-    done = []
+    made = iter(range(1, len(recipe.models) + 1))  # models made so far, counted as lines show them
 
     def saved(label: str, how: str) -> None:
-        done.append(label)
+        count = next(made)
         if progress and bar.disable:
-            output.say(f"zoo {recipe.name} {len(done)}/{len(recipe.models)}: {label} {how}")
+            output.say(f"zoo {recipe.name} {count}/{len(recipe.models)}: {label} {how}")
 
     def fit(label: str, model, documents, schedule, probe=None):
         bar.set_postfix_str(label)

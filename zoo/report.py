@@ -197,15 +197,16 @@ def write_report(variant: str, out: Path, progress: bool = True, seed: int | Non
 def _best_merges(pair: tuple[str, str], weights: dict, score) -> dict:
     """Method -> (setting chosen on select, its test scores), for one pair of specialists."""
     a_name, b_name = (f"specialist-{_short(t)}" for t in pair)
+    label = lambda method, setting: f"{method} {a_name} + {b_name} ({_settings(setting)})"
     merges = {}
     for method, grid in MERGE_GRID.items():
         tried = []
         for setting in grid:
             state = _merge_pair(method, setting, weights["base"], weights[a_name], weights[b_name])
-            select = score(state, "select", f"{method} {a_name} + {b_name} ({_settings(setting)})", pair)
+            select = score(state, "select", label(method, setting), pair)
             tried.append((sum(select[t].mean for t in pair) / 2, setting, state))
         _, best, state = max(tried, key=lambda row: row[0])  # first best on ties: the grid order
-        merges[method] = (best, score(state, "test", f"{method} {a_name} + {b_name} ({_settings(best)})", pair))
+        merges[method] = (best, score(state, "test", label(method, best), pair))
     return merges
 
 
