@@ -6,12 +6,10 @@ its own working folder; the damaged models and files are made once per module.""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from tests.cli_batch import run_batch
 from tests.search_helpers import PICO_SLERP
 
 ENV = {
@@ -318,28 +317,6 @@ def _run(arguments: list[str], cwd: Path) -> dict:
     return {"code": done.returncode, "stderr": done.stderr, "seconds": time.monotonic() - started}
 
 
-def _run_batch(cases: list[tuple[list[str], Path]]) -> list[dict]:
-    """Cases one after another in one interpreter (tests/cli_batch.py): what _run gives for each."""
-    with tempfile.TemporaryDirectory() as scratch:
-        results = Path(scratch) / "results.json"
-        try:
-            done = subprocess.run(
-                [sys.executable, str(Path(__file__).with_name("cli_batch.py")), str(results)],
-                cwd=scratch,
-                env=ENV,
-                input=json.dumps([[arguments, str(cwd)] for arguments, cwd in cases]),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-        except subprocess.TimeoutExpired as hung:
-            started = [line for line in (hung.stdout or b"").decode().splitlines() if line.startswith("case: ")]
-            raise AssertionError(f"no result after 600 s; the last case started: {started[-1:]}") from None
-        # what the interpreter writes as it exits (threads, atexit) would follow a case's last line
-        assert done.returncode == 0 and results.is_file() and "Traceback" not in done.stderr, done.stderr[-3000:]
-        return json.loads(results.read_text())
-
-
 @pytest.mark.parametrize("group", [pytest.param(g, marks=pytest.mark.slow) if g in SLOW_GROUPS else g for g in GROUPS])
 def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
     cases = _cases(fx)[group]
@@ -348,7 +325,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
     if group in SLOW_GROUPS:
         halves = [names[0::2], names[1::2]]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            batches = pool.map(lambda half: _run_batch([(cases[n][0], workdirs[n]) for n in half]), halves)
+            batches = pool.map(lambda half: run_batch([(cases[n][0], workdirs[n]) for n in half], ENV), halves)
             results = {n: r for half, batch in zip(halves, batches) for n, r in zip(half, batch, strict=True)}
     else:
         with ThreadPoolExecutor(max_workers=3) as pool:

@@ -1,12 +1,13 @@
-"""`soupsearch merge` against the `mergekit-yaml` binary, config by config, on pico zoo models."""
+"""`soupsearch merge` against the `mergekit-yaml` binary, config by config, on pico zoo models.
+
+mergekit-yaml runs every config of the module in one interpreter (tests/cli_batch.py, through the
+script's own entry point), which saves importing mergekit once per config."""
 
 from __future__ import annotations
 
 import filecmp
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,28 @@ from merge_configs import RANDOM_METHODS, configs
 from safetensors import safe_open
 
 from search.cli import main
+from tests.cli_batch import run_batch
 
 pytestmark = pytest.mark.slow
-MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
+MERGEKIT_YAML = "mergekit.scripts.run_yaml:main"  # the `mergekit-yaml` console script
 CASES = sorted(configs(Path("zoo")))
+SPARSIFIED = ("dare_linear", "della_linear")
+DENSITY = 0.3
+
+
+def sparsification(method: str, zoo: Path) -> dict:
+    """One task vector at weight 1, sparsified at DENSITY by ``method``."""
+    return {
+        "merge_method": method,
+        "base_model": str(zoo / "base"),
+        "dtype": "float64",
+        "models": [
+            {
+                "model": str(zoo / "specialist-gsm8k"),
+                "parameters": {"weight": 1.0, "density": DENSITY, "epsilon": 0.1},
+            }
+        ],
+    }
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
@@ -30,14 +49,30 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_both(name: str, zoo: Path, tmp: Path, config: dict | None = None) -> tuple[Path, Path]:
-    config_file = tmp / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump(config or configs(zoo)[name]))
-    theirs, ours = tmp / "mergekit", tmp / "ours"
+@pytest.fixture(scope="module")
+def mergekit_yaml(pico_zoo, tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
+    """Name -> (config file, mergekit-yaml's output folder, its exit code and stderr), for every
+    config of the module."""
+    folder = tmp_path_factory.mktemp("mergekit-yaml")
+    every = configs(pico_zoo) | {f"{m}-statistics": sparsification(m, pico_zoo) for m in SPARSIFIED}
+    runs = {}
+    for name, config in every.items():
+        (folder / name).mkdir()
+        config_file = folder / name / "config.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        runs[name] = (config_file, folder / name / "mergekit")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(MERGEKIT_YAML), str(config_file), str(theirs)], check=True, env=env, capture_output=True)
+    results = run_batch([([str(c), str(out)], out.parent) for c, out in runs.values()], env, MERGEKIT_YAML)
+    return {name: (*runs[name], result) for name, result in zip(runs, results, strict=True)}
+
+
+def build_both(name: str, built: dict, tmp: Path) -> tuple[Path, Path]:
+    """mergekit-yaml's folder for config ``name`` and `soupsearch merge`'s, built here from the same file."""
+    config_file, theirs, done = built[name]
+    assert done["code"] == 0, done["stderr"][-3000:]
+    ours = tmp / "ours"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same summation order as mergekit-yaml above (iterative karcher)
+    torch.set_num_threads(1)  # the same summation order as mergekit-yaml (iterative karcher)
     try:
         assert main(["merge", str(config_file), str(ours), "--device", "cpu"]) == 0
     finally:
@@ -51,8 +86,8 @@ def within_one_ulp(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_same_folder_as_mergekit_yaml(name, pico_zoo, tmp_path):
-    theirs, ours = build_both(name, pico_zoo, tmp_path)
+def test_same_folder_as_mergekit_yaml(name, pico_zoo, mergekit_yaml, tmp_path):
+    theirs, ours = build_both(name, mergekit_yaml, tmp_path)
     expected, built = read_folder(theirs), read_folder(ours)
     assert list(built) == list(expected)
     for tensor, value in expected.items():
@@ -66,28 +101,16 @@ def test_same_folder_as_mergekit_yaml(name, pico_zoo, tmp_path):
     assert ours.stat().st_mode & 0o777 == theirs.stat().st_mode & 0o777  # as readable as mergekit-yaml's folder
 
 
-def test_passthrough_changes_layer_count(pico_zoo, tmp_path):
-    theirs, ours = build_both("passthrough_slices", pico_zoo, tmp_path)
+def test_passthrough_changes_layer_count(mergekit_yaml, tmp_path):
+    _, ours = build_both("passthrough_slices", mergekit_yaml, tmp_path)
     assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 3
     assert "model.layers.2.mlp.down_proj.weight" in read_folder(ours)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
-def test_random_sparsification_statistics_match_mergekit(method, pico_zoo, tmp_path):
+@pytest.mark.parametrize("method", SPARSIFIED)
+def test_random_sparsification_statistics_match_mergekit(method, pico_zoo, mergekit_yaml, tmp_path):
     """One task vector, weight 1: merged - base = tau * mask * (|tau|_1 / |tau*mask|_1), per tensor."""
-    density = 0.3
-    config = {
-        "merge_method": method,
-        "base_model": str(pico_zoo / "base"),
-        "dtype": "float64",
-        "models": [
-            {
-                "model": str(pico_zoo / "specialist-gsm8k"),
-                "parameters": {"weight": 1.0, "density": density, "epsilon": 0.1},
-            }
-        ],
-    }
-    theirs, ours = build_both(method, pico_zoo, tmp_path, config)
+    theirs, ours = build_both(f"{method}-statistics", mergekit_yaml, tmp_path)
     base = read_folder(pico_zoo / "base")
     tuned = read_folder(pico_zoo / "specialist-gsm8k")
     kept_fractions = {}
@@ -104,5 +127,5 @@ def test_random_sparsification_statistics_match_mergekit(method, pico_zoo, tmp_p
             kept, total = kept + int(mask.sum()), total + int((tau != 0).sum())
         kept_fractions[label] = kept / total
         # 4 binomial standard deviations around the keep probability
-        assert abs(kept / total - density) < 4 * (density * (1 - density) / total) ** 0.5, label
+        assert abs(kept / total - DENSITY) < 4 * (DENSITY * (1 - DENSITY) / total) ** 0.5, label
     assert abs(kept_fractions["ours"] - kept_fractions["mergekit"]) < 0.01
