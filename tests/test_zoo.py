@@ -1,5 +1,7 @@
 """The pico zoo: trained Mistral models that load, round-trip, merge and score as promised."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -104,14 +106,24 @@ def test_other_seeds_are_other_zoos_and_are_never_published(monkeypatch):
         build.publish(recipe_for("pico"))
 
 
+@pytest.fixture(scope="module")
+def quiet_training(tmp_path_factory):
+    """`soupsearch zoo build --variant pico --train --quiet` into an empty cache: its stdout, its
+    stderr and the folder it trained."""
+    cache = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOUPSEARCH_CACHE", str(cache))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert main(["zoo", "build", "--variant", "pico", "--train", "--quiet"]) == 0
+        return out.getvalue(), err.getvalue(), zoo_dir(PICO)
+
+
 @pytest.mark.slow
-def test_training_from_the_recipe_is_deterministic_on_one_machine(tmp_path, monkeypatch):
+def test_training_from_the_recipe_is_deterministic_on_one_machine(quiet_training, tmp_path, monkeypatch):
     """Two trainings on this machine agree bit for bit (other CPUs may not: hence the published weights)."""
-    builds = []
-    for name in ("a", "b"):
-        monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path / name))
-        builds.append(verify(build_zoo(PICO, progress=False))["files"])
-    assert builds[0] == builds[1]
+    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
+    assert verify(build_zoo(PICO, progress=False))["files"] == verify(quiet_training[2])["files"]
 
 
 def _copy_zoo(pico_zoo, tmp_path, monkeypatch):
@@ -362,8 +374,6 @@ def test_a_build_off_a_terminal_shows_one_plain_line_per_model(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_a_quiet_zoo_build_prints_the_folder_alone(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SOUPSEARCH_CACHE", str(tmp_path))
-    assert main(["zoo", "build", "--variant", "pico", "--train", "--quiet"]) == 0
-    out, err = capsys.readouterr()
-    assert out == f"zoo pico: {zoo_dir(PICO)}\n" and err == ""
+def test_a_quiet_zoo_build_prints_the_folder_alone(quiet_training):
+    out, err, folder = quiet_training
+    assert out == f"zoo pico: {folder}\n" and err == ""
