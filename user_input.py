@@ -69,6 +69,16 @@ def parse_yaml(text: str, where: str) -> object:
         raise UserError(f"{where}: not valid YAML: {what}{at}") from None
 
 
+def read_file(path: Path, what: str) -> str:
+    """The UTF-8 text of the ``what`` (say "experiment file") at ``path``; UserError naming the path
+    when it is missing, a folder, binary or unreadable."""
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    if not path.exists():
+        raise UserError(f"{path}: no such {what}")
+    return read_text(path)
+
+
 def read_text(path: Path) -> str:
     """The UTF-8 text file at ``path``; UserError naming the file when it is binary or unreadable."""
     try:

@@ -13,33 +13,33 @@ from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from merge_core.errors import MergeInputError
-from user_input import one_line, parse_yaml, read_text
+from user_input import one_line, parse_yaml, read_file
 
 ConfigSource = str | Path | Mapping[str, Any] | MergeConfiguration
 
 
-def load_config(source: ConfigSource) -> MergeConfiguration:
-    """Parse and check the parts of a config that need no model: structure, method, dtypes."""
+def load_config(source: ConfigSource, file: Path | None = None) -> MergeConfiguration:
+    """Parse and check the parts of a config that need no model: structure, method, dtypes.
+    ``file``: where a parsed ``source`` was read from, for the messages."""
     if isinstance(source, MergeConfiguration):
         return source.model_copy(deep=True)
     if isinstance(source, Path) or (
         isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
     ):
-        path = Path(source)
-        if not path.is_file():
-            raise MergeInputError(f"config file {path} does not exist")
-        raw = parse_yaml(read_text(path), str(path))
+        file = Path(source)
+        raw = parse_yaml(read_file(file, "merge config file"), str(file))
     else:
         raw = parse_yaml(source, "merge config") if isinstance(source, str) else source
+    where = f"{file}: " if file else ""
     if not isinstance(raw, Mapping):
-        raise MergeInputError("a merge config must be a mapping with merge_method and models/slices")
+        raise MergeInputError(f"{where}a merge config must be a mapping with merge_method and models/slices")
     try:
         # mergekit's own schema, with unknown keys refused: pydantic would drop a misspelt key silently
         config = MergeConfiguration.model_validate(dict(raw), extra="forbid")
     except ValidationError as problem:
-        raise MergeInputError(f"invalid merge config: {one_line(problem)}") from None
+        raise MergeInputError(f"{where}invalid merge config: {one_line(problem)}") from None
     except RuntimeError as problem:
-        raise MergeInputError(f"invalid merge config: {problem}") from None
+        raise MergeInputError(f"{where}invalid merge config: {problem}") from None
     check_method(config.merge_method)
     for key in ("dtype", "out_dtype"):
         torch_dtype(getattr(config, key), key)

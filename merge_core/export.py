@@ -18,7 +18,7 @@ from merge_core.engine import BuildReport, Engine
 from merge_core.errors import MergeInputError
 from merge_core.parents import Parents, finite
 from merge_core.planner import MergePlan
-from user_input import parse_yaml, read_text
+from user_input import parse_yaml, read_file
 
 LOG = logging.getLogger(__name__)
 
@@ -26,10 +26,8 @@ LOG = logging.getLogger(__name__)
 def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = "cpu", seed: int = 0) -> BuildReport:
     """`mergekit-yaml CONFIG OUT_DIR`, built by the engine; nothing is left behind on failure."""
     path, out = Path(config_file), Path(out_dir)
-    if not path.is_file():
-        raise MergeInputError(f"config file {config_file} does not exist")
-    text = read_text(path)
-    config = load_config(parse_yaml(text, str(path)))
+    text = read_file(path, "merge config file")
+    config = load_config(parse_yaml(text, str(path)), path)
     check_out_dir(out)
     parents = Parents.open([str(model) for model in config.referenced_models()], device)
     engine = Engine(parents)
@@ -48,7 +46,9 @@ def merge_to_folder(config_file: str | Path, out_dir: str | Path, device: str = 
 
 def check_out_dir(out: Path) -> None:
     """Refuse, before any work, an output folder that is not empty or cannot be written."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise MergeInputError(f"output folder {out} is a file")
+    if out.exists() and any(out.iterdir()):
         raise MergeInputError(f"output folder {out} already exists and is not empty")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -265,6 +265,8 @@ class _Planner:
             culprit = next(
                 (p.name for p in self.method.spec.parameters if not _resolves(p, reader, weight.name, models)), "?"
             )
+            if isinstance(problem, ValidationError):  # pydantic's multi-line layout, with a link
+                problem = "; ".join(f"{e['msg']} (got {e['input']!r})" for e in problem.errors())
             raise MergeInputError(f"tensor {weight.name}: parameter {culprit}: {problem}") from None
         sources = tuple(Source(model_key(model), name) for (model, _), name in zip(pairs, names))
         headers = [self.parents[model].headers[name] for (model, _), name in zip(pairs, names)]

@@ -15,7 +15,7 @@ from evals.objectives import Objective
 from evals.spec import TaskSpec
 from merge_core.methods import TASK_VECTOR_METHODS as TASK_VECTOR_METHODS  # for search.space
 from search.urls import expand, masked
-from user_input import UserError, one_line, parse_yaml, read_text
+from user_input import UserError, one_line, parse_yaml, read_file
 
 T_FILTERS = ("self_attn", "mlp", "rest")  # mergekit filters; "rest" is the catch-all entry
 
@@ -231,9 +231,7 @@ class Experiment(_Strict):
 def load_experiment(path: str | Path) -> Experiment:
     """The experiment in ``path``; raises ExperimentError naming the file and each bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"{path}: no such experiment file")
-    raw = parse_yaml(read_text(path), str(path))
+    raw = parse_yaml(read_file(path, "experiment file"), str(path))
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: an experiment is a mapping of keys, got {type(raw).__name__}")
     try:

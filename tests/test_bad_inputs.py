@@ -181,6 +181,12 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     merge_config("python-tag", "merge_method: !!python/object/apply:os.system ['true']\n")
     merge_config("malformed", "merge_method: slerp\nmodels: [\n")
     merge_config("latin1", "merge_method: slerp # caf\xe9\n".encode("latin-1"))
+    merge_config("empty", "")
+    merge_config(
+        "string-weight",
+        f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: abc}}}}\n"
+        f"  - {{model: {other}, parameters: {{weight: 1}}}}\n",
+    )
     for name in ("trunc", "garbled", "bin", "nan", "badcfg", "notok"):
         merge_config(name, slerp(f[name]))
     return f
@@ -206,6 +212,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
         },
         "experiment files": {
             "missing file": (["validate", str(root / "nowhere.yaml")], "nowhere.yaml"),
+            "a folder": (["validate", str(files)], f"{files}: a folder, not an experiment file"),
             "binary file": (["validate", str(files / "binary.yaml")], "binary.yaml"),
             "non-UTF-8 file": (["validate", str(files / "latin1.yaml")], "latin1.yaml"),
             "malformed YAML": (["validate", x["malformed"]], "malformed.yaml"),
@@ -250,6 +257,9 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
         },
         "merge configs": {
             "config missing": (["merge", str(root / "nowhere.yml"), str(root / "o1")], "nowhere.yml"),
+            "config a folder": (["merge", str(files), str(root / "o14")], f"{files}: a folder, not a merge config"),
+            "empty config": (["merge", m["empty"], str(root / "o15")], f"{m['empty']}: a merge config must be"),
+            "a weight that is no number": (["merge", m["string-weight"], str(root / "o16")], "(got 'abc')"),
             "malformed YAML": (["merge", m["malformed"], str(root / "o2")], "malformed.yaml"),
             "python tag": (["merge", m["python-tag"], str(root / "o3")], "python/object"),
             "non-UTF-8": (["merge", m["latin1"], str(root / "o4")], "latin1.yaml"),
@@ -258,6 +268,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "duplicate key": (["merge", m["duplicate"], str(root / "o7")], "duplicate key 'merge_method'"),
             "output folder not empty": (["merge", m["ok"], str(fx["full"])], str(fx["full"])),
             "output under a file": (["merge", m["ok"], str(fx["file"] / "out")], "a-file"),
+            "output a file": (["merge", m["ok"], str(fx["file"])], f"{fx['file']} is a file"),
             "truncated parent": (["merge", m["trunc"], str(root / "o8")], "truncated"),
             "garbled parent": (["merge", m["garbled"], str(root / "o9")], "garbled"),
             "bin-only parent": (["merge", m["bin"], str(root / "o10")], "safetensors only"),
