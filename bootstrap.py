@@ -6,6 +6,10 @@
 
 Needs only Python >= 3.10 and pip. On a machine without an NVIDIA GPU the CPU build of torch is
 installed first, so that the project's plain ``torch>=`` requirement does not pull a CUDA build.
+
+pip writes no bytecode (``--no-compile``): compiling every installed module costs more than the
+job's own first imports, which write the bytecode of the modules the job uses. So the job runs with
+bytecode writing on, whatever PYTHONDONTWRITEBYTECODE says (docs/performance.md, start-up).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def venv_python() -> Path:
 
 
 def install(python: Path, extras: str) -> None:
-    pip = (python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
+    pip = (python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile")
     has_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch and shutil.which("nvidia-smi") is None:
         sh(*pip, CPU_TORCH)
@@ -50,6 +54,7 @@ def main() -> int:
     install(python, "dev,postgres" if job == "test" else "dev")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the first imports write the bytecode pip did not
     soupsearch = VENV / "bin" / "soupsearch"
     try:
         if job == "run":  # builds the tiny zoo on first use, searches, then exports the winner
