@@ -296,8 +296,15 @@ def _add_dashboard(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--port", type=_port, default=5000, help="default 5000")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad input's are; the usage is in --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="soupsearch",
         description="Search merge configurations of fine-tuned language models, with no training.",
     )
