@@ -76,11 +76,6 @@ def read_file(path: Path, what: str) -> str:
         raise UserError(f"{path}: a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
     if not path.exists():
         raise UserError(f"{path}: no such {what}")
-    return read_text(path)
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text file at ``path``; UserError naming the file when it is binary or unreadable."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as problem:
