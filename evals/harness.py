@@ -334,8 +334,28 @@ def check_finite(model) -> None:
 
 
 def load_model(model_dir: Path, device: str = "cpu"):
-    """A saved HF model folder and its tokenizer, ready for an Evaluator; weights from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A saved HF model folder and its tokenizer, ready for an Evaluator; weights from safetensors only.
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    ValueError naming a tensor when the weights do not fill the architecture in config.json:
+    transformers would fill the gaps with fresh random values and print its load report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report: the error below says what matters in one line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for kind, what in (
+        ("unexpected_keys", f"is not part of {type(model).__name__}, the architecture in config.json"),
+        ("mismatched_keys", "has another shape than config.json gives it"),
+        ("missing_keys", "is not in the weights"),
+    ):
+        names = sorted(name if isinstance(name, str) else str(name[0]) for name in info.get(kind) or ())
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"tensor {names[0]}{more} {what}")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir)

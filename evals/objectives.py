@@ -12,6 +12,13 @@ if TYPE_CHECKING:  # an experiment file is read without loading torch through th
     from evals.results import TaskScore
 
 
+def check_weights(weights: Mapping[str, float]) -> Mapping[str, float]:
+    """``weights`` if an objective can use them; ValueError otherwise."""
+    if not weights or not all(0 <= w < math.inf for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"objective weights must be finite and >= 0 with a positive sum, got {dict(weights)}")
+    return weights
+
+
 class Objective(BaseModel):
     """``sum(w_t * mean_t) / sum(w_t)`` over tasks t: a weighted mean, so it stays on the metric's scale."""
 
@@ -22,9 +29,7 @@ class Objective(BaseModel):
     @field_validator("weights")
     @classmethod
     def _usable(cls, weights: dict[str, float]) -> dict[str, float]:
-        if not weights or not all(0 <= w < math.inf for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"objective weights must be finite and >= 0 with a positive sum, got {weights}")
-        return weights
+        return check_weights(weights)
 
     @property
     def name(self) -> str:

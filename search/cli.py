@@ -99,6 +99,14 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _seed(text: str) -> int:
+    from search.experiment import MAX_SEED
+
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}")
+    return int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -249,7 +257,7 @@ def _add_study_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--storage", help="Optuna storage URL or journal file (default .soupsearch/journal.log)")
         sub.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the experiment's")
-        sub.add_argument("--seed", type=int, help="sampler and merge seed (default: the experiment's)")
+        sub.add_argument("--seed", type=_seed, help="sampler and merge seed (default: the experiment's)")
     sub = _subcommand(commands, "status", "trials done, best so far, what is running", _status)
     sub.add_argument("--storage", help="Optuna storage URL or journal file (default: the experiment's)")
 
@@ -352,7 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as problem:
-        print(f"soupsearch: error: {' '.join(str(problem).split())}", file=sys.stderr)
+        message = " ".join(str(problem).split())
+        experiment = getattr(args, "file", None)
+        if experiment:  # a command that has read an experiment file
+            from search.experiment import ExperimentError
+
+            if isinstance(problem, ExperimentError) and not message.startswith(str(Path(experiment))):
+                message = f"{experiment}: {message}"  # a check made after the file was read names it too
+        print(f"soupsearch: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("soupsearch: interrupted", file=sys.stderr)

@@ -11,13 +11,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from evals.objectives import Objective
+from evals.objectives import Objective, check_weights
 from evals.spec import TaskSpec
 from merge_core.methods import TASK_VECTOR_METHODS as TASK_VECTOR_METHODS  # for search.space
 from search.urls import expand, masked
 from user_input import UserError, one_line, parse_yaml, read_file
 
 T_FILTERS = ("self_attn", "mlp", "rest")  # mergekit filters; "rest" is the catch-all entry
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # names that MLflow filters and file names take as they are
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
 
 
 class ExperimentError(UserError):
@@ -137,7 +139,7 @@ class Soup(_Strict):
 
 
 class Study(_Strict):
-    name: str | None = None  # default: the experiment's name
+    name: str | None = Field(default=None, min_length=1, pattern=NAME_PATTERN)  # default: the experiment's name
     sampler: Literal["tpe", "cmaes", "random", "grid", "nsga2"] = "tpe"
     pruner: Literal["none", "successive_halving", "hyperband", "wilcoxon"] = "none"
     trials: int = Field(default=20, ge=1)
@@ -165,6 +167,18 @@ class Evaluation(_Strict):
     def objective_function(self) -> Objective:
         return Objective(weights=self.objective or {name: 1.0 for name in self.task_names})
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, batch_size: int | str) -> int | str:
+        if batch_size != "auto" and batch_size < 1:
+            raise ValueError(f"expected a positive integer or 'auto', got {batch_size}")
+        return batch_size
+
+    @field_validator("objective")
+    @classmethod
+    def _usable(cls, objective: dict[str, float] | None) -> dict[str, float] | None:
+        return objective if objective is None else check_weights(objective)
+
     @model_validator(mode="after")
     def _consistent(self) -> Evaluation:
         if self.fidelity != sorted(set(self.fidelity)) or self.fidelity[0] < 1:
@@ -172,12 +186,11 @@ class Evaluation(_Strict):
         unknown = sorted(set(self.objective or {}) - set(self.task_names))
         if unknown:
             raise ValueError(f"objective names task(s) {unknown} that are not in tasks {self.task_names}")
-        self.objective_function  # noqa: B018 -- runs Objective's own check on the weights
         return self
 
 
 class Experiment(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=NAME_PATTERN)
     models: dict[str, str] = Field(min_length=1, description="alias -> hub id, folder or zoo:VARIANT/MODEL")
     base_model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -188,7 +201,7 @@ class Experiment(_Strict):
     study: Study = Study()
     storage: str | None = None  # Optuna URL or journal file; default .soupsearch/journal.log
     tracking_uri: str | None = None  # default sqlite:///mlflow.db in the working directory
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property

@@ -22,7 +22,7 @@ from merge_core.config import load_config
 from merge_core.export import check_out_dir, write_folder
 from search import baselines, output
 from search.experiment import Experiment, ExperimentError
-from search.space import to_config
+from search.space import full_space, method_space, to_config
 from search.study import Settings, open_study
 from search.tracking import Tracker
 from search.verdict import Verdict, compare
@@ -35,6 +35,30 @@ def finalists(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
         return study.best_trials
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return sorted(complete, key=lambda t: (-t.value, t.number))[:top]
+
+
+def check_unchanged(experiment: Experiment, candidates: list[optuna.trial.FrozenTrial]) -> None:
+    """ExperimentError if the finalists were run under another search space or other fidelity rungs
+    than the experiment file gives now: their configs could not be rebuilt from it as they ran."""
+    methods = experiment.space.methods
+    for trial in candidates:
+        method = trial.params.get("method", methods[0])
+        space = {"method": full_space(experiment)["method"]} if len(methods) > 1 else {}
+        space |= method_space(experiment, method) if method in methods else {}
+        changed = sorted(
+            n for n in space.keys() | trial.distributions.keys() if space.get(n) != trial.distributions.get(n)
+        )
+        if changed:
+            raise ExperimentError(
+                f"trial {trial.number} was run with another search space than the file gives now "
+                f"({changed[0]} differs); export with the experiment file the study ran with"
+            )
+        if trial.user_attrs.get("fidelity") not in experiment.evaluation.fidelity:
+            raise ExperimentError(
+                f"evaluation.fidelity: trial {trial.number} was scored on {trial.user_attrs.get('fidelity')} "
+                f"search items, not a rung of {experiment.evaluation.fidelity}; export with the experiment "
+                "file the study ran with"
+            )
 
 
 def _scores(result: EvalResult) -> dict:
@@ -96,6 +120,7 @@ def export(experiment: Experiment, settings: Settings, out: Path) -> dict:
     candidates = finalists(study, experiment.study.select_top)
     if not candidates:
         raise ExperimentError(f"study {experiment.study_name!r} has no complete trial to export; run it first")
+    check_unchanged(experiment, candidates)  # before the parents are scored again under the new file
     output.say(
         f"export: {len(candidates)} finalist(s) by search score (trial {', '.join(str(t.number) for t in candidates)})"
         "; each is rebuilt and scored on select, and the best one checked, scored on test and written"

@@ -67,11 +67,19 @@ def suggest(trial, experiment: Experiment) -> dict[str, object]:
     return params
 
 
+MAX_GRID = 100_000  # grid points a study may hold: GridSampler lists them all at every start
+
+
 def grid(experiment: Experiment) -> dict[str, list[object]]:
     """GridSampler's space: ``study.grid_points`` evenly spaced values per float (one method: the
-    experiment's schema refuses a grid over several)."""
-    points = experiment.study.grid_points
-    return {name: [float(v) for v in np.linspace(d.low, d.high, points)] for name, d in full_space(experiment).items()}
+    experiment's schema refuses a grid over several); ExperimentError if the grid is too large."""
+    points, space = experiment.study.grid_points, full_space(experiment)
+    if points ** len(space) > MAX_GRID:
+        raise ExperimentError(
+            f"study.grid_points: {points} values for each of {len(space)} searched parameters make "
+            f"{points ** len(space)} grid points, more than {MAX_GRID}; lower grid_points or hold parameters fixed"
+        )
+    return {name: [float(v) for v in np.linspace(d.low, d.high, points)] for name, d in space.items()}
 
 
 def expand_warm_start(experiment: Experiment, start: Mapping[str, object], where: str) -> dict[str, object]:
@@ -89,7 +97,11 @@ def expand_warm_start(experiment: Experiment, start: Mapping[str, object], where
                 raise ExperimentError(
                     f"{where}.{name}: not a parameter of the search space (parameters: {', '.join(space)})"
                 )
-            if not space[name]._contains(space[name].to_internal_repr(item)):
+            try:
+                inside = space[name]._contains(space[name].to_internal_repr(item))
+            except (ValueError, TypeError):
+                inside = False  # not a number, or not one of a categorical's choices
+            if not inside:
                 raise ExperimentError(f"{where}.{name}: {item!r} is outside {space[name]}")
             params[name] = item
     return params

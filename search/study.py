@@ -257,11 +257,13 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
         return settled
     from optuna.study import MaxTrialsCallback
 
-    from search.validate import check_configs, midpoint_configs
+    from search.validate import check_configs, check_fidelity, midpoint_configs
     from search.workbench import Workbench
 
     bench = Workbench(experiment, settings.device)  # a missing model fails before anything is written
     check_configs(experiment, bench.refs, bench.engine)  # parents that cannot merge fail before the first trial
+    check_fidelity(experiment)
+    _sampler(experiment, settings.seed)  # so does a grid too large to list
     tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
     study = open_study(experiment, settings, create=not join)
     stale = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from evals.harness import known_tasks, load_tasks
 from evals.spec import TaskSpec
+from evals.splits import split_items
 from search.experiment import Experiment, ExperimentError, resolve_model
 from search.soup import soup_config
-from search.space import expand_warm_start, full_space, to_config
+from search.space import expand_warm_start, full_space, grid, to_config
 
 if TYPE_CHECKING:  # mergekit's tables load only with --load: they take seconds to import
     from merge_core import Engine
@@ -60,6 +62,19 @@ def check_configs(experiment: Experiment, refs: dict[str, str], engine: Engine) 
     return list(configs)
 
 
+def check_fidelity(experiment: Experiment) -> None:
+    """ExperimentError if the top fidelity rung asks for more search items than a task's split holds
+    (lm-eval would score fewer items than every record says). Reads the tasks' datasets."""
+    top, seed = experiment.evaluation.fidelity[-1], experiment.evaluation.split_seed
+    for name, task in load_tasks([TaskSpec.of(task) for task in experiment.evaluation.tasks]).items():
+        held = len(split_items(name, len(task.eval_docs), seed).search)
+        if held < top:
+            raise ExperimentError(
+                f"evaluation.fidelity: the top rung is {top} items, but task {name!r} has {held} search items "
+                f"(a third of its {len(task.eval_docs)})"
+            )
+
+
 def validate(experiment: Experiment, load: bool = False) -> str:
     """A description of the experiment; raises a UserError naming the problem. The tasks are looked
     up in lm-eval's index; with ``load``, their datasets are read and the models opened too."""
@@ -81,6 +96,8 @@ def validate(experiment: Experiment, load: bool = False) -> str:
     else:
         lines.append("search space:")
         lines += [f"  {name:<36} {dist}" for name, dist in full_space(experiment).items()]
+        if experiment.study.sampler == "grid":
+            lines.append(f"grid: {math.prod(len(values) for values in grid(experiment).values())} points")
     if load:
         from merge_core import Engine, Parents
 
@@ -95,8 +112,10 @@ def validate(experiment: Experiment, load: bool = False) -> str:
             f"{len(labels)} sample config(s) built: {', '.join(labels)} (--load has mergekit check them "
             "against the weights)"
         )
-    specs = [TaskSpec.of(task) for task in experiment.evaluation.tasks]
-    (load_tasks if load else known_tasks)(specs)
+    if load:
+        check_fidelity(experiment)
+    else:
+        known_tasks([TaskSpec.of(task) for task in experiment.evaluation.tasks])
     lines.append(
         f"tasks {', '.join(experiment.evaluation.task_names)}: known to lm-eval" + (", datasets read" if load else "")
     )

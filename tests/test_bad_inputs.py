@@ -98,6 +98,8 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     f["missing"] = _model(pico_zoo, root, "missing-tensor", tensors=_drop)
     f["notok"] = _model(pico_zoo, root, "no-tokenizer", remove=["tokenizer*"])
     f["badcfg"] = _model(pico_zoo, root, "bad-config", add={"config.json": b'{"model_type": '})
+    gpt2 = b'{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 32, "n_layer": 2, "n_head": 2}'
+    f["gpt2"] = _model(pico_zoo, root, "gpt2-config", add={"config.json": gpt2})
     f["full"] = root / "full"
     f["full"].mkdir()
     (f["full"] / "keep.txt").write_text("not empty")
@@ -145,6 +147,14 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     experiment("list", text="- name: pico\n")
     experiment("typo", studdy={"trials": 2})
     experiment("nan-weight", evaluation={**PICO_SLERP["evaluation"], "objective": {"tiny_gsm8k": float("nan")}})
+    experiment("negative-weight", evaluation={**PICO_SLERP["evaluation"], "objective": {"tiny_gsm8k": -1}})
+    experiment("batch-size-0", evaluation={**PICO_SLERP["evaluation"], "batch_size": 0})
+    experiment("fidelity-beyond-split", evaluation={**PICO_SLERP["evaluation"], "fidelity": [300]})
+    experiment("negative-seed", seed=-1)
+    experiment("quoted-study-name", study={**PICO_SLERP["study"], "name": "o'brien"})
+    experiment("huge-grid", study={"sampler": "grid", "grid_points": 1000})
+    text_start = {**PICO_SLERP["warm_starts"][0], "slerp/t/rest/0": "abc", "slerp/t/rest/1": 0.5}
+    experiment("text-warm-start", warm_starts=[{k: v for k, v in text_start.items() if k != "slerp/t/rest"}])
     for name, content in (
         ("middle", b'{"op_code": 0, "worker_id": "w"}\n{garbage\n{"op_code": 1}\n'),
         ("garbage", b"{garbage\n"),
@@ -205,6 +215,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "run --timeout -5": (["run", x["ok"], "--timeout", "-5"], "-5"),
             "run --timeout nan": (["run", x["ok"], "--timeout", "nan"], "nan"),
             "run --device tpu": (["run", x["ok"], "--device", "tpu"], "tpu"),
+            "run --seed 2**32": (["run", x["ok"], "--seed", str(2**32)], "--seed"),
             "dashboard --port 70000": (["dashboard", "--port", "70000"], "70000"),
             "eval --limit 0": ([*eval_, "--limit", "0"], "--limit"),
             "merge --device tpu": (["merge", m["ok"], str(root / "out-tpu"), "--device", "tpu"], "tpu"),
@@ -223,6 +234,12 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "NaN objective weight": (["validate", x["nan-weight"]], "objective weights must be finite"),
             "grid over two methods (validate)": (["validate", x["two-methods-grid"]], "study.sampler"),
             "grid over two methods (run)": (["run", x["two-methods-grid"]], "study.sampler"),
+            "negative objective weight": (["validate", x["negative-weight"]], "evaluation.objective"),
+            "batch size 0": (["validate", x["batch-size-0"]], "evaluation.batch_size"),
+            "negative seed": (["validate", x["negative-seed"]], "seed"),
+            "a quote in the study name": (["validate", x["quoted-study-name"]], "study.name"),
+            "grid too large to list": (["validate", x["huge-grid"]], f"{x['huge-grid']}: study.grid_points"),
+            "a warm start that is no number": (["validate", x["text-warm-start"]], "warm_starts[0].slerp/t/rest/0"),
             "unset variable": (["validate", x["unset-var"]], "SOUP_TEST_UNSET"),
             "worker on a soup": (["worker", x["soup"]], "soup"),
         },
@@ -240,6 +257,12 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "tensor missing (run)": (["run", x["missing"]], "model.layers.1.self_attn.k_proj"),
             "NaN tensor (run)": (["run", x["nan"]], "model.layers.1.mlp.up_proj.weight"),
             "base without tokenizer (run)": (["run", x["notok"]], "tokenizer"),
+            "fidelity beyond the split (validate --load)": (
+                ["validate", x["fidelity-beyond-split"], "--load"],
+                "evaluation.fidelity: the top rung is 300 items, but task 'tiny_gsm8k' has 200 search items",
+            ),
+            "fidelity beyond the split (run)": (["run", x["fidelity-beyond-split"]], "evaluation.fidelity"),
+            "grid too large to list (run)": (["run", x["huge-grid"]], "study.grid_points"),
         },
         "stores": {
             "dead tracking server": (["run", x["dead-server"]], "http://127.0.0.1:1"),
@@ -287,6 +310,12 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "truncated model": (["eval", str(fx["trunc"]), "--tasks", "tiny_addition"], "truncated"),
             "bin-only model": (["eval", str(fx["bin"]), "--tasks", "tiny_addition"], "safetensors only"),
             "Inf weights": (["eval", str(fx["inf"]), "--tasks", "tiny_addition"], "v_proj"),
+            "a tensor missing": (["eval", str(fx["missing"]), "--tasks", "tiny_addition"], "self_attn.k_proj.weight"),
+            "a tensor of another shape": (["eval", str(fx["narrow"]), "--tasks", "tiny_addition"], "mlp.up_proj"),
+            "config.json of another architecture": (
+                ["eval", str(fx["gpt2"]), "--tasks", "tiny_addition"],
+                "is not part of GPT2LMHeadModel",
+            ),
             "no tokenizer": (["eval", str(fx["notok"]), "--tasks", "tiny_addition"], "no-tokenizer"),
             "unknown task": (["eval", model, "--tasks", "tiny_nonsense"], "tiny_nonsense"),
             "corrupt parquet": (
@@ -438,10 +467,12 @@ def test_duplicate_keys_are_refused_but_yaml_merge_keys_still_override():
     [
         ("SOUPSEARCH_ZOO_SEED", "one", ["zoo", "verify", "--variant", "pico"]),
         ("SOUPSEARCH_HEARTBEAT_SECONDS", "0.5", ["status", "{ok}", "--storage", "sqlite:///{root}/optuna.db"]),
+        ("SOUPSEARCH_CACHE", "{ok}", ["validate", "{ok}"]),
     ],
 )
 def test_a_bad_environment_variable_exits_2_naming_it(variable, value, arguments, fx):
     arguments = [a.format(ok=fx["x:ok"], root=fx["root"]) for a in arguments]
+    value = value.format(ok=fx["x:ok"])
     done = subprocess.run(
         [sys.executable, "-m", "search.cli", *arguments],
         cwd=fx["root"],

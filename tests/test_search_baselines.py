@@ -97,6 +97,20 @@ def test_parents_are_scored_once_beside_the_trials_and_export_judges_the_winner(
     assert len(_baseline_runs(tmp_path)) == 2
     assert len(client.get_metric_history(baselines["math"].info.run_id, "test/objective")) == 1
 
+    # the experiment file edited after the run: export refuses it before it scores anything again
+    kept = dict(study_in(tmp_path).user_attrs)
+    for name, change in (
+        ("anchors.yaml", {"space": {"slerp": {"anchors": 3}}, "warm_starts": []}),
+        ("rungs.yaml", {"evaluation": {"tasks": [TASK], "fidelity": [4], "select_limit": 8, "test_limit": 8}}),
+    ):
+        edited = write_experiment(tmp_path, name=name, study={"sampler": "tpe", "trials": 2}, **change)
+        assert main(["export", str(edited), "--out", str(tmp_path / "edited")]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said.startswith(f"soupsearch: error: {edited}: ") and "the experiment file the study ran with" in said
+        assert ("slerp/t/" if name == "anchors.yaml" else "evaluation.fidelity") in said
+    assert not (tmp_path / "edited").exists() and study_in(tmp_path).user_attrs == kept
+    assert len(_baseline_runs(tmp_path)) == 2
+
     out = tmp_path / "export"
     assert main(["export", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()

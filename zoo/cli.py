@@ -64,6 +64,8 @@ def _zoo_publish(args: argparse.Namespace) -> int:
 def _zoo_report(args: argparse.Namespace) -> int:
     from zoo.report import write_report
 
+    if Path(args.out).is_dir():  # found before minutes of scoring, not after
+        raise UserError(f"--out {args.out}: a folder; give the report's file name")
     path = write_report(args.variant, Path(args.out), progress=args.verbosity > 0, seed=args.seed)
     print(f"wrote {path}")
     return 0

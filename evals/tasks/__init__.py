@@ -15,6 +15,7 @@ import yaml
 
 from atomic import atomic_folder
 from evals.tasks.synthetic import GENERATORS, eval_items, read_jsonl, write_jsonl
+from user_input import UserError
 
 TASK_DIR = Path(__file__).parent
 DATA_DIR = TASK_DIR / "data"
@@ -22,7 +23,12 @@ BUNDLED_TASKS = tuple(GENERATORS)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SOUPSEARCH_CACHE", Path.home() / ".cache" / "soupsearch"))
+    """$SOUPSEARCH_CACHE, else ~/.cache/soupsearch; UserError if it is there but not a folder."""
+    said = os.environ.get("SOUPSEARCH_CACHE", "").strip()
+    root = Path(said) if said else Path.home() / ".cache" / "soupsearch"
+    if root.exists() and not root.is_dir():
+        raise UserError(f"SOUPSEARCH_CACHE={str(root)!r}: not a folder (the cache of tasks and zoos)")
+    return root
 
 
 def data_file(task: str) -> Path:
