@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from search import output
-from search.experiment import Experiment
+from search.experiment import Experiment, ExperimentError
 from search.tracking import Tracker, split_metrics
 
 if TYPE_CHECKING:  # `status` reads the rows without loading torch through them
@@ -89,8 +89,11 @@ def score(
             try:
                 for split in splits:
                     result = _score(bench, experiment, split)
-                    if not result.ok:
-                        raise RuntimeError(f"parent {alias} failed on the {split} split: {result.error}")
+                    if not result.ok:  # a model as the user gave it, on the user's tasks: as `eval` judges it
+                        raise ExperimentError(
+                            f"model {alias} ({experiment.models[alias]}) cannot be scored on the {split} split: "
+                            f"{result.error}"
+                        )
                     # what a trial records: the objective, or each task's mean in a multi-objective study
                     values = objective.means(result) if len(study.directions) > 1 else [objective(result)]
                     study.set_user_attr(

@@ -151,6 +151,8 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     experiment("batch-size-0", evaluation={**PICO_SLERP["evaluation"], "batch_size": 0})
     experiment("fidelity-beyond-split", evaluation={**PICO_SLERP["evaluation"], "fidelity": [300]})
     experiment("negative-seed", seed=-1)
+    bad_option = {"task": "tiny_gsm8k", "gen_kwargs": {"temperature": "abc"}}
+    experiment("generation-option", evaluation={**PICO_SLERP["evaluation"], "tasks": [bad_option]})
     experiment("quoted-study-name", study={**PICO_SLERP["study"], "name": "o'brien"})
     experiment("huge-grid", study={"sampler": "grid", "grid_points": 1000})
     text_start = {**PICO_SLERP["warm_starts"][0], "slerp/t/rest/0": "abc", "slerp/t/rest/1": 0.5}
@@ -263,6 +265,10 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             ),
             "fidelity beyond the split (run)": (["run", x["fidelity-beyond-split"]], "evaluation.fidelity"),
             "grid too large to list (run)": (["run", x["huge-grid"]], "study.grid_points"),
+            "a generation option of the wrong type (run)": (
+                ["run", x["generation-option"]],
+                "model general (zoo:pico/general) cannot be scored on the search split",
+            ),
         },
         "stores": {
             "dead tracking server": (["run", x["dead-server"]], "http://127.0.0.1:1"),
