@@ -74,8 +74,11 @@ def summary(study: optuna.Study, top: int = 10) -> str:
         else:
             hidden[row["state"].lower()] += 1
     width = max([5] + [len(str(row["trial"])) for row in rows])  # a baseline's trial column is its alias
+    said = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    if not rows:
+        return f"study {study.study_name}: {said or 'no trial'}, no parent scored yet"
     lines = [
-        f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
+        f"study {study.study_name}: {said or 'no trial yet'}",
         f"{'trial':>{width}}  {'state':<8} {'value':>8} {'items':>5}  {'merge s':>7}  {'eval s':>7}  "
         f"{'seed':>10}  note",
     ]

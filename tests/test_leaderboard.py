@@ -84,3 +84,8 @@ def test_summary_has_an_items_column_and_counts_the_rows_it_leaves_out():
     ]  # no items, no value: merge s, seed
     assert " ".join(table[6]).endswith("merge failed: OutOfMemoryError")
     assert lines[-1].startswith("... 1 more complete not shown")  # trial 5: top=2 complete trials shown
+
+
+def test_a_study_with_no_trial_and_no_parent_says_so_in_one_line():
+    study = optuna.create_study(study_name="empty", direction="maximize")
+    assert summary(study) == "study empty: no trial, no parent scored yet"
