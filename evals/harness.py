@@ -358,4 +358,8 @@ def load_model(model_dir: Path, device: str = "cpu"):
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
             raise ValueError(f"tensor {names[0]}{more} {what}")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as problem:  # missing, or files that transformers cannot read
+        raise ValueError(f"its tokenizer does not load ({type(problem).__name__}: {problem})") from None
+    return model.to(device).eval(), tokenizer

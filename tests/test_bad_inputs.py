@@ -100,6 +100,7 @@ def fx(pico_zoo, tmp_path_factory) -> dict[str, Path]:
     f["badcfg"] = _model(pico_zoo, root, "bad-config", add={"config.json": b'{"model_type": '})
     gpt2 = b'{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 32, "n_layer": 2, "n_head": 2}'
     f["gpt2"] = _model(pico_zoo, root, "gpt2-config", add={"config.json": gpt2})
+    f["badtok"] = _model(pico_zoo, root, "bad-tokenizer", add={"tokenizer.json": b"{garbage"})
     f["full"] = root / "full"
     f["full"].mkdir()
     (f["full"] / "keep.txt").write_text("not empty")
@@ -323,6 +324,10 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
                 "is not part of GPT2LMHeadModel",
             ),
             "no tokenizer": (["eval", str(fx["notok"]), "--tasks", "tiny_addition"], "no-tokenizer"),
+            "a tokenizer.json that does not parse": (
+                ["eval", str(fx["badtok"]), "--tasks", "tiny_addition"],
+                "bad-tokenizer: its tokenizer does not load (JSONDecodeError",
+            ),
             "unknown task": (["eval", model, "--tasks", "tiny_nonsense"], "tiny_nonsense"),
             "corrupt parquet": (
                 [*eval_, "--data", f"tiny_addition:test={files / 'garbage.parquet'}"],
