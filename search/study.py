@@ -264,8 +264,9 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     check_configs(experiment, bench.refs, bench.engine)  # parents that cannot merge fail before the first trial
     check_fidelity(experiment)
     _sampler(experiment, settings.seed)  # so does a grid too large to list
+    study = open_study(experiment, settings, create=False) if join else None  # no study to join: nothing written
     tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
-    study = open_study(experiment, settings, create=not join)
+    study = study or open_study(experiment, settings)
     stale = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     if isinstance(stale, RetryStale):
         stale.tracker = tracker  # a trial that this process finds stale gets its MLflow run ended

@@ -281,6 +281,7 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "journal of one garbage line": (["run", x["ok"], "--storage", str(fx["journal:garbage"])], "garbage.log"),
             "journal of binary bytes": (["status", x["ok"], "--storage", str(fx["journal:binary"])], "binary.log"),
             "status of no study": (["status", x["ok"]], "journal.log"),
+            "worker with no study": (["worker", x["ok"]], "journal.log"),
             "export of no study": (["export", x["ok"], "--out", str(root / "export-none")], "journal.log"),
             "export into a full folder": (["export", x["ok"], "--out", str(fx["full"])], str(fx["full"])),
             "export under a file": (["export", x["ok"], "--out", str(fx["file"] / "out")], "a-file"),
@@ -403,6 +404,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit(group, fx):
     assert not list(fx["root"].glob("o*")) and not list(fx["root"].glob(".o*"))
     assert not (fx["root"] / "export-none").exists()
     assert sorted(p.name for p in fx["full"].iterdir()) == ["keep.txt"]
+    if "worker with no study" in workdirs:  # nor an MLflow store
+        assert not list(workdirs["worker with no study"].iterdir())
 
 
 def test_a_dead_tracking_server_is_reported_within_10_seconds():
