@@ -1,11 +1,13 @@
 """Files and folders that appear whole or not at all: filled beside their target, then renamed into place.
 
 A killed process leaves at most a hidden ``.NAME.partial-*`` entry beside the target, never a
-half-written target; ``clear_leftovers`` removes such entries (the zoo's build calls it under its lock).
+half-written target; ``clear_leftovers`` removes such entries (the zoo's build calls it under its lock,
+a merge or export before it writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,6 +35,19 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def created_once(target: Path) -> Iterator[Path]:
+    """A path beside ``target`` at which to create a file; it becomes ``target`` when the block ends,
+    unless another process made ``target`` meanwhile (the first one wins, the others are dropped)."""
+    partial = target.with_name(f"{_partial_prefix(target)}{os.getpid()}")
+    try:
+        yield partial
+        with contextlib.suppress(FileExistsError):
+            os.link(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _new_folder_mode(where: Path) -> int:

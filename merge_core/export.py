@@ -12,7 +12,7 @@ from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge import _copy_tokenizer
 from mergekit.options import MergeOptions
 
-from atomic import atomic_folder
+from atomic import atomic_folder, clear_leftovers
 from merge_core.config import load_config
 from merge_core.engine import BuildReport, Engine
 from merge_core.errors import MergeInputError
@@ -55,6 +55,7 @@ def check_out_dir(out: Path) -> None:
         tempfile.TemporaryDirectory(dir=out.parent).cleanup()  # what os.access cannot tell: root, read-only mounts
     except OSError as problem:
         raise MergeInputError(f"output folder {out}: cannot write there ({problem.strerror})") from None
+    clear_leftovers(out)  # the staging folders of writers of ``out`` that were killed
 
 
 def write_folder(

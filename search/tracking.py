@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atomic import created_once
 from search.urls import driver_hint, masked
 from user_input import UserError
 
@@ -63,10 +64,16 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = absolute(uri)
-        if self.uri.startswith("sqlite:///"):
-            _check_sqlite(Path(self.uri.removeprefix("sqlite:///")), self.uri)
+        store = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if store is not None:
+            _check_sqlite(store, self.uri)
         self.experiment = experiment
         try:
+            if store is not None and not store.exists():
+                # MLflow builds its schema in dozens of commits: a kill midway would leave a store that
+                # no later run can open, so it is built beside the target and linked into place whole
+                with created_once(store) as partial:
+                    MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments(max_results=1)
             self.client = MlflowClient(tracking_uri=self.uri)
             # one quick try: MLflow retries a server it cannot reach for minutes before it gives up
             with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):

@@ -71,6 +71,9 @@ def build_both(name: str, built: dict, tmp: Path) -> tuple[Path, Path]:
     config_file, theirs, done = built[name]
     assert done["code"] == 0, done["stderr"][-3000:]
     ours = tmp / "ours"
+    killed = tmp / ".ours.partial-killed"  # what a merge into the same folder that was killed left
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same summation order as mergekit-yaml (iterative karcher)
     try:
@@ -97,7 +100,7 @@ def test_same_folder_as_mergekit_yaml(name, pico_zoo, mergekit_yaml, tmp_path):
     assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
     for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "mergekit_config.yml"):
         assert filecmp.cmp(ours / file, theirs / file, shallow=False), file
-    assert not list(tmp_path.glob(".ours.partial-*"))
+    assert not list(tmp_path.glob(".ours.partial-*"))  # neither this merge's staging nor a killed one's
     assert ours.stat().st_mode & 0o777 == theirs.stat().st_mode & 0o777  # as readable as mergekit-yaml's folder
 
 

@@ -76,3 +76,30 @@ def test_settings_show_no_password_and_the_tracking_probe_restores_the_environme
     with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.4, 0.6, 0.8])
+def test_a_process_killed_while_mlflow_builds_its_sqlite_store_leaves_none_or_a_whole_one(tmp_path, delay):
+    """MLflow builds the store's schema in dozens of commits; a store cut off midway could never be
+    opened again. The kill lands `delay` seconds after the first file of the store appears."""
+    import signal
+    import subprocess
+    import sys
+
+    from search.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    build = subprocess.Popen(
+        [sys.executable, "-c", f"from search.tracking import Tracker; Tracker({uri!r}, 'x')"],
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(("mlflow.db", ".mlflow.db")) for p in tmp_path.iterdir()):
+        assert build.poll() is None and time.monotonic() < deadline, "the store never appeared"
+        time.sleep(0.005)
+    time.sleep(delay)
+    build.send_signal(signal.SIGKILL)
+    build.wait()
+    tracker = Tracker(uri, "x")  # opens what the killed process left, or builds the store anew
+    assert tracker.client.get_experiment(tracker.experiment_id).name == "x"
