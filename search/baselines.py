@@ -73,9 +73,11 @@ def score(
         }
         for alias in experiment.models
     }
+    objective, runs = experiment.evaluation.objective_function, attrs.get(RUNS, {})
+    for alias in runs.keys() - todo.keys():  # scored in full by a process killed before it ended the run
+        tracker.end_if_running(runs[alias]["mlflow_run_id"])
     if not todo:
         return results
-    objective, runs = experiment.evaluation.objective_function, attrs.get(RUNS, {})
     with output.progress("baselines", sum(map(len, todo.values())), "eval") as shown:
         for alias, splits in todo.items():
             report = bench.build(soup_config(experiment, bench.refs, [alias]), experiment.seed)
@@ -94,16 +96,18 @@ def score(
                             f"model {alias} ({experiment.models[alias]}) cannot be scored on the {split} split: "
                             f"{result.error}"
                         )
-                    # what a trial records: the objective, or each task's mean in a multi-objective study
-                    values = objective.means(result) if len(study.directions) > 1 else [objective(result)]
-                    study.set_user_attr(
-                        _key(alias, split), {"limit": limits[split], "values": values, "result": result.record()}
-                    )
+                    # MLflow first: a process killed between the two writes leaves the split unrecorded
+                    # in the study, so the next one scores and logs it again rather than never
                     fidelity = {"fidelity": limits[split]} if split == "search" else {}  # as a trial's column
                     tracker.log(
                         run,
                         metrics=split_metrics(split, objective(result), result) | fidelity,
                         dicts={f"per_item/{split}.json": result.record()},
+                    )
+                    # what a trial records: the objective, or each task's mean in a multi-objective study
+                    values = objective.means(result) if len(study.directions) > 1 else [objective(result)]
+                    study.set_user_attr(
+                        _key(alias, split), {"limit": limits[split], "values": values, "result": result.record()}
                     )
                     results[alias][split] = result
                     shown.update(f"parent {alias} on {split}: {objective(result):.4f}", parent=alias)

@@ -160,6 +160,11 @@ class Tracker:
     def end(self, run: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run, status)
 
+    def end_if_running(self, run: str, status: str = "FINISHED") -> None:
+        """``end`` for a run that a killed process left RUNNING; nothing for an ended one."""
+        if self.client.get_run(run).info.status == "RUNNING":
+            self.end(run, status)
+
     def reopen(self, run: str) -> None:
         """A finished parent run back to RUNNING while a resumed study works; ``end`` closes it again."""
         if self.client.get_run(run).info.status != "RUNNING":

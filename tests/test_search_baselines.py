@@ -166,3 +166,32 @@ def test_the_recorded_leaderboard_lists_each_trial_once_after_resumes(pico_zoo, 
     table = _artifact(client, parent, "leaderboard.json")
     recorded = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert sorted(str(r["trial"]) for r in recorded) == ["0", "1", "2", "general", "math"]
+
+
+def test_a_run_stopped_between_a_parents_mlflow_log_and_its_study_record_logs_it_again(
+    pico_zoo, tmp_path, monkeypatch, capsys
+):
+    """The two writes of a parent's split: whichever a kill lands between, the resumed run leaves
+    every parent's MLflow run FINISHED with every split's metrics and per-item file."""
+    from search.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, study={"sampler": "random", "trials": 1})
+    log = Tracker.log
+
+    def stopped_at_test_split(self, run, **logged):
+        if "per_item/test.json" in logged.get("dicts", {}):
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill at this point would
+        return log(self, run, **logged)
+
+    monkeypatch.setattr(Tracker, "log", stopped_at_test_split)
+    assert main(["run", str(path)]) == 1
+    monkeypatch.setattr(Tracker, "log", log)
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    client, _ = runs_in(tmp_path)
+    for alias, run in _baseline_runs(tmp_path).items():
+        assert run.info.status == "FINISHED", alias
+        for split in ("search", "select", "test"):
+            assert f"{split}/objective" in run.data.metrics, (alias, split)
+            assert _artifact(client, run.info.run_id, f"per_item/{split}.json")["tasks"][TASK]["per_item"]
