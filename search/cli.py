@@ -354,6 +354,18 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _interrupted(problem: BaseException) -> bool:
+    """Whether ``problem`` was raised while handling a Ctrl-C: a store's cleanup write that failed
+    because the interrupt cut its transaction short, say."""
+    seen = set()
+    while problem is not None and id(problem) not in seen:
+        if isinstance(problem, KeyboardInterrupt):
+            return True
+        seen.add(id(problem))
+        problem = problem.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     output.configure(args.verbosity)
@@ -373,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("soupsearch: interrupted", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as problem:  # noqa: BLE001 -- a bug: keep the traceback in a file, say one line here
+        if _interrupted(problem):
+            print("soupsearch: interrupted", file=sys.stderr)
+            return EXIT_FAILURE
         import tempfile
         import traceback
 

@@ -465,6 +465,24 @@ def test_an_internal_failure_exits_1_and_points_at_the_full_traceback(monkeypatc
     log.unlink()
 
 
+def test_a_failure_while_handling_ctrl_c_is_reported_as_the_interrupt(monkeypatch, tmp_path, capsys):
+    """A cleanup write that fails because the Ctrl-C cut a store's transaction short is no bug."""
+    import search.validate
+    from search.cli import main
+
+    def interrupted_then_cleanup_fails(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(search.validate, "validate", interrupted_then_cleanup_fails)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(PICO_SLERP))
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().err == "soupsearch: interrupted\n"
+
+
 def test_duplicate_keys_are_refused_but_yaml_merge_keys_still_override():
     from user_input import UserError, parse_yaml
 
