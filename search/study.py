@@ -30,6 +30,7 @@ from search.storage import (
     owner,
     pid_space,
     recover_interrupted,
+    retry,
     storage_error,
 )
 from search.tracking import STATE_TAG, Tracker, split_metrics
@@ -154,6 +155,11 @@ class TrialRunner:
         except TrialFailed as problem:
             trial.set_user_attr("fail_reason", str(problem))
             self.tracker.tag(run, "soupsearch.fail_reason", str(problem)[:5000])
+            raise
+        except KeyboardInterrupt:  # re-run later with its parameters and seed, as a killed trial is
+            reason = "interrupted: Ctrl-C"
+            trial.set_user_attr("fail_reason", reason)
+            retry(trial.study, trial.study._storage.get_trial(trial._trial_id), None, reason)
             raise
         finally:
             self.tracker.tag(run, STATE_TAG, state.name)

@@ -142,6 +142,33 @@ def test_killed_run_resumes_without_losing_or_duplicating_trials(pico_zoo, tmp_p
     assert sorted(states) == sorted(t.number for t in complete) and set(states.values()) == {"FINISHED"}
 
 
+def test_a_trial_stopped_by_ctrl_c_is_rerun_with_its_parameters_and_seed(pico_zoo, tmp_path, monkeypatch, capsys):
+    from search.space import suggest
+    from search.study import TrialRunner
+
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, study={"sampler": "random", "trials": 2})
+    evaluate = TrialRunner._evaluate
+
+    def stopped(self, trial, run, seed):
+        if trial.number == 1:
+            suggest(trial, self.experiment)  # its parameters are drawn, as before every build
+            raise KeyboardInterrupt
+        return evaluate(self, trial, run, seed)
+
+    monkeypatch.setattr(TrialRunner, "_evaluate", stopped)
+    assert main(["run", str(path)]) == 1
+    assert capsys.readouterr().err.endswith("soupsearch: interrupted\n")
+    monkeypatch.setattr(TrialRunner, "_evaluate", evaluate)
+    assert main(["run", str(path)]) == 0
+    trials = study_in(tmp_path).trials
+    assert (trials[1].state, trials[1].user_attrs["fail_reason"]) == (TrialState.FAIL, "interrupted: Ctrl-C")
+    [rerun] = [t for t in trials if t.user_attrs.get("retry_of") == 1]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == trials[1].params
+    assert rerun.user_attrs["seed"] == trials[1].user_attrs["seed"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
 def test_journal_lock_left_by_a_process_killed_mid_write_is_broken_after_the_grace_period(tmp_path):
     """The default journal path is relative; Optuna's lock is a symlink to that path, which dangled,
     so a run after a kill mid-write spun forever instead of breaking the stale lock after 30 s."""
