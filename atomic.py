@@ -7,10 +7,10 @@ a merge or export before it writes).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,11 +41,16 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
 def created_once(target: Path) -> Iterator[Path]:
     """A path beside ``target`` at which to create a file; it becomes ``target`` when the block ends,
     unless another process made ``target`` meanwhile (the first one wins, the others are dropped)."""
-    partial = target.with_name(f"{_partial_prefix(target)}{os.getpid()}")
+    partial = target.with_name(f"{_partial_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield partial
-        with contextlib.suppress(FileExistsError):
-            os.link(partial, target)
+        try:
+            os.link(partial, target)  # fails if ``target`` exists: no process replaces another's
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: the narrow race of a rename remains
+            if not target.exists():
+                os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from atomic import atomic_folder, atomic_write_text, clear_leftovers
+from atomic import atomic_folder, atomic_write_text, clear_leftovers, created_once
 
 
 def test_a_folder_appears_whole_with_a_new_folders_mode(tmp_path):
@@ -40,3 +40,16 @@ def test_a_file_is_replaced_whole_and_leftovers_are_cleared(tmp_path):
     (tmp_path / ".zoo.partial-def").write_text("x")
     clear_leftovers(tmp_path / "zoo")
     assert [p.name for p in tmp_path.iterdir()] == ["lock.json"]
+
+
+def test_a_file_created_once_keeps_the_first_maker_and_leaves_no_partial(tmp_path):
+    target = tmp_path / "store.db"
+    with created_once(target) as partial:
+        partial.write_text("first")
+        with created_once(target) as other:  # a second process, done first
+            other.write_text("second")
+    assert target.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["store.db"]
+    with pytest.raises(RuntimeError), created_once(tmp_path / "never.db") as partial:
+        partial.write_text("cut short")
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["store.db"]
