@@ -20,6 +20,11 @@ def _partial_prefix(target: Path) -> str:
     return f".{target.name}.partial-"
 
 
+def _partial_file(target: Path) -> Path:
+    """A staging file beside ``target`` that no other writer, process or thread, names the same."""
+    return target.with_name(f"{_partial_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 @contextmanager
 def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     """A fresh folder beside ``target`` to fill; it becomes ``target`` when the block ends, and is
@@ -41,7 +46,7 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
 def created_once(target: Path) -> Iterator[Path]:
     """A path beside ``target`` at which to create a file; it becomes ``target`` when the block ends,
     unless another process made ``target`` meanwhile (the first one wins, the others are dropped)."""
-    partial = target.with_name(f"{_partial_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial = _partial_file(target)
     try:
         yield partial
         try:
@@ -75,7 +80,7 @@ def clear_leftovers(target: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """``path.write_text(text)``, with readers seeing the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{_partial_prefix(path)}{os.getpid()}")
+    partial = _partial_file(path)
     try:
         partial.write_text(text)
         os.replace(partial, path)
