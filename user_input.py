@@ -34,9 +34,17 @@ def env_int(name: str, default: int, meaning: str, minimum: int | None = None) -
     return int(said)
 
 
-def one_line(problem: ValidationError) -> str:
-    """pydantic's errors as ``loc: message; ...``, without its multi-line layout and links."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in problem.errors())
+def one_line(problem: ValidationError, located: bool = True) -> str:
+    """pydantic's errors as ``loc: message (got value); ...``, without its multi-line layout and
+    links; the value only where it is a scalar, the location only where ``located``."""
+
+    def said(error) -> str:
+        where = f"{'.'.join(map(str, error['loc'])) or '(top)'}: " if located else ""
+        scalar = error.get("input") is None or isinstance(error["input"], (str, int, float))
+        got = f" (got {error.get('input')!r})" if scalar and error["type"] != "missing" else ""
+        return f"{where}{error['msg']}{got}"
+
+    return "; ".join(said(e) for e in problem.errors())
 
 
 class _StrictLoader(yaml.SafeLoader):

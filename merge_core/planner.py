@@ -34,6 +34,7 @@ from transformers import PretrainedConfig
 from merge_core.config import check_method, torch_dtype
 from merge_core.errors import MergeInputError
 from merge_core.parents import Parents, model_key
+from user_input import one_line
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,8 @@ class _Planner:
             culprit = next(
                 (p.name for p in self.method.spec.parameters if not _resolves(p, reader, weight.name, models)), "?"
             )
-            if isinstance(problem, ValidationError):  # pydantic's multi-line layout, with a link
-                problem = "; ".join(f"{e['msg']} (got {e['input']!r})" for e in problem.errors())
+            if isinstance(problem, ValidationError):  # its location is mergekit's, not the user's
+                problem = one_line(problem, located=False)
             raise MergeInputError(f"tensor {weight.name}: parameter {culprit}: {problem}") from None
         sources = tuple(Source(model_key(model), name) for (model, _), name in zip(pairs, names))
         headers = [self.parents[model].headers[name] for (model, _), name in zip(pairs, names)]

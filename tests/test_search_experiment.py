@@ -45,6 +45,15 @@ def test_bad_experiment_exits_2_naming_the_key(tmp_path, capsys, change, key):
     assert str(path) in err and key in err
 
 
+def test_a_bad_value_is_quoted_beside_its_key(tmp_path, capsys):
+    path = write_experiment(tmp_path, study={"trials": "many"}, seed=1.5)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "study.trials: " in err and "(got 'many')" in err
+    assert "seed: " in err and "(got 1.5)" in err
+    assert "\n" not in err.strip()
+
+
 def test_warm_start_and_model_errors_name_them(tmp_path, capsys):
     bad_start = write_experiment(tmp_path, warm_starts=[{"slerp/t/attn": [0, 1]}])
     assert main(["validate", str(bad_start)]) == 2
