@@ -85,7 +85,7 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
                 return RDBStorage(
                     spec, heartbeat_interval=beat, grace_period=2 * beat, heartbeat_stale_trial_callback=RetryStale()
                 )
-        path = Path(spec) if spec else DEFAULT_JOURNAL
+        path = journal_path(spec)
         if not create and not path.is_file():
             raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +96,17 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
         raise
     except Exception as problem:  # noqa: BLE001 -- every failure to open is the storage spec's fault
         raise storage_error(spec, problem) from None
+
+
+def journal_path(spec: str | None) -> Path | None:
+    """The journal file that ``spec`` names (None for an RDB URL); StorageError for a folder, checked
+    before anything is written."""
+    if spec is not None and "://" in spec:
+        return None
+    path = Path(spec) if spec else DEFAULT_JOURNAL
+    if path.is_dir():
+        raise StorageError(f"storage {path}: a folder; give a journal file such as {path / 'journal.log'}")
+    return path
 
 
 def storage_error(spec: str | None, problem: Exception) -> StorageError:

@@ -26,6 +26,7 @@ from search.storage import (
     StorageError,
     fail_stale,
     interrupted,
+    journal_path,
     open_storage,
     owner,
     pid_space,
@@ -270,6 +271,7 @@ def run_study(experiment: Experiment, settings: Settings, join: bool = False) ->
     check_configs(experiment, bench.refs, bench.engine)  # parents that cannot merge fail before the first trial
     check_fidelity(experiment)
     _sampler(experiment, settings.seed)  # so does a grid too large to list
+    journal_path(settings.storage)  # and a journal that is a folder, before the MLflow store is made
     study = open_study(experiment, settings, create=False) if join else None  # no study to join: nothing written
     tracker = Tracker(settings.tracking_uri, experiment.name)  # the store exists before any trial
     study = study or open_study(experiment, settings)

@@ -226,6 +226,16 @@ def test_bad_storage_or_tracking_uri_exits_2_and_writes_nothing(pico_zoo, tmp_pa
     assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("pico-slerp") is None
 
 
+def test_a_storage_that_is_a_folder_exits_2_before_anything_is_written(pico_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["run", str(path), "--storage", "runs"]) == 2
+    assert "storage runs: a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml", "runs"]
+    assert not any((tmp_path / "runs").iterdir())
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
