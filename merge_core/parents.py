@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,18 +66,21 @@ class Parent:
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise MergeInputError(f"model {path}: no config.json there (missing parent?)")
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            others = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
-            raise MergeInputError(
-                f"model {path}: no .safetensors weights (found {', '.join(others)}); weights "
-                "load from safetensors only, never from pickled .bin files"
-            )
         headers = {}
-        for file in files:
+        for file, names in _weight_files(folder, path).items():
             try:
                 with safe_open(file, framework="pt") as reader:
-                    for name in reader.keys():
+                    stored = set(reader.keys())
+                    for name in stored if names is None else names:
+                        if name not in stored:
+                            raise MergeInputError(
+                                f"model {path}: tensor {name} is not in {file.name}, as its index says"
+                            )
+                        if name in headers:
+                            raise MergeInputError(
+                                f"model {path}: tensor {name} is in both {headers[name].file.name} and {file.name}"
+                                " and no model.safetensors.index.json says which to use"
+                            )
                         info = reader.get_slice(name)
                         headers[name] = TensorHeader(tuple(info.get_shape()), _DTYPES[info.get_dtype()], file)
             except (SafetensorError, KeyError) as problem:
@@ -111,6 +115,38 @@ class Parent:
                     tensor = tensor.pin_memory() if pin else tensor
                     tensors[name] = tensor.to(device)
         self.tensors = tensors
+
+
+def _weight_files(folder: Path, path: str | Path) -> dict[Path, list[str] | None]:
+    """Each weights file of ``folder`` with the tensors to read from it (None: all), as mergekit
+    finds them: the shards that model.safetensors.index.json maps, else model.safetensors, else
+    (beyond mergekit) every other .safetensors file; stray files beside an index or a
+    model.safetensors are not read."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files: dict[Path, list[str] | None] = {}
+            for name, shard in weight_map.items():
+                files.setdefault(folder / shard, []).append(name)
+        except (ValueError, KeyError, TypeError, AttributeError) as problem:
+            raise MergeInputError(
+                f"model {path}: {index.name} is not a safetensors index ({type(problem).__name__}: {problem})"
+            ) from None
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise MergeInputError(f"model {path}: {index.name} names shards that are not there: {', '.join(missing)}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return {folder / "model.safetensors": None}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
+        raise MergeInputError(
+            f"model {path}: no .safetensors weights (found {', '.join(others)}); weights "
+            "load from safetensors only, never from pickled .bin files"
+        )
+    return dict.fromkeys(files)
 
 
 class Parents:

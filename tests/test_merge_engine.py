@@ -271,3 +271,48 @@ def test_header_sizes_match_the_loaded_tensors(pico_zoo):
     assert all(
         isinstance(h, TensorHeader) and tuple(parent.tensors[n].shape) == h.shape for n, h in parent.headers.items()
     )
+
+
+def sharded(zoo: Path, tmp: Path, stray: dict[str, Path]) -> Path:
+    """specialist-gsm8k in two shards with an index, plus stray files holding another model's weights."""
+    folder = copy_model(zoo, tmp, "sharded")
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({n: tensors[n] for n in part}, folder / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: shard for shard, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name, source in stray.items():
+        shutil.copy(source / "model.safetensors", folder / name)
+    return folder
+
+
+def test_weights_are_read_as_mergekit_finds_them_and_stray_files_are_ignored(pico_zoo, tmp_path):
+    """The index's shards when there is one, else model.safetensors: a stale model.safetensors or a
+    model_ema.safetensors beside them holds another model and must not be merged."""
+    wanted = Parent.open(pico_zoo / "specialist-gsm8k")
+    wanted.load(torch.device("cpu"), pin=False)
+    stale = {"model.safetensors": pico_zoo / "base", "model_ema.safetensors": pico_zoo / "general"}
+    parent = Parent.open(sharded(pico_zoo, tmp_path, stale))
+    parent.load(torch.device("cpu"), pin=False)
+    assert parent.tensors.keys() == wanted.tensors.keys()
+    assert all(torch.equal(parent.tensors[n], wanted.tensors[n]) for n in wanted.tensors)
+    ema = copy_model(pico_zoo, tmp_path, "ema")
+    shutil.copy(pico_zoo / "general" / "model.safetensors", ema / "model_ema.safetensors")
+    single = Parent.open(ema)
+    single.load(torch.device("cpu"), pin=False)
+    assert all(torch.equal(single.tensors[n], wanted.tensors[n]) for n in wanted.tensors)
+
+
+def test_a_shard_missing_from_its_index_or_a_tensor_in_two_unindexed_files_is_refused(pico_zoo, tmp_path):
+    folder = sharded(pico_zoo, tmp_path, {})
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(MergeInputError, match="model-00002-of-00002.safetensors"):
+        Parent.open(folder)
+    twice = copy_model(pico_zoo, tmp_path, "twice")
+    (twice / "model.safetensors").rename(twice / "a.safetensors")
+    shutil.copy(twice / "a.safetensors", twice / "b.safetensors")
+    with pytest.raises(MergeInputError, match="both a.safetensors and b.safetensors"):
+        Parent.open(twice)
