@@ -13,6 +13,7 @@ from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from merge_core.errors import MergeInputError
+from merge_core.parents import model_key
 from user_input import one_line, parse_yaml, read_file
 
 ConfigSource = str | Path | Mapping[str, Any] | MergeConfiguration
@@ -52,12 +53,35 @@ def load_config(source: ConfigSource, file: Path | None = None) -> MergeConfigur
             f"config key {unsupported[0]!r} is not supported by soupsearch merge; "
             "use mergekit-yaml for tokenizer surgery"
         )
+    _check_inputs(config, where)
     for model in config.referenced_models():
         if model.lora is not None or model.override_architecture is not None:
             raise MergeInputError(
                 f"model {model}: LoRA adapters and architecture overrides are not supported; merge the adapter first"
             )
     return config
+
+
+def _check_inputs(config: MergeConfiguration, where: str) -> None:
+    """Each slice has sources, and lists each parent once: mergekit refuses a path given twice without
+    naming it, and two spellings of one folder (``m`` and ``m/``) would be one parent here."""
+    groups = {"models": config.models} if config.models else {}
+    groups |= {f"slices[{i}].sources": s.sources for i, s in enumerate(config.slices or [])}
+    for name, module in (config.modules or {}).items():
+        groups |= {f"modules.{name}.models": module.models} if module.models else {}
+        groups |= {f"modules.{name}.slices[{i}].sources": s.sources for i, s in enumerate(module.slices or [])}
+    base = config.base_model
+    for key, inputs in groups.items():
+        if not inputs:
+            raise MergeInputError(f"{where}{key}: no models to merge")
+        seen: dict[str, object] = {}
+        for entry in inputs:
+            model, first = entry.model, seen.setdefault(model_key(entry.model), entry.model)
+            if base is not None and model != base and model_key(model) == model_key(base):
+                raise MergeInputError(f"{where}{key}: model {model} is base_model {base} under another name")
+            if first is not model:
+                also = "" if str(first) == str(model) else f" (also as {first})"
+                raise MergeInputError(f"{where}{key}: model {model} is listed twice{also}; list each parent once")
 
 
 def check_method(name: str) -> merge_methods.MergeMethod:

@@ -234,6 +234,25 @@ BAD = {
         },
         "[0, 5]",
     ),
+    "a parent under two names": (
+        lambda z, t: {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": 1}} for m in (str(z / "general"), f"{z / 'general'}/")],
+        },
+        "general/ is listed twice (also as",
+    ),
+    "the base under another name": (
+        lambda z, t: {
+            "merge_method": "task_arithmetic",
+            "base_model": str(z / "base"),
+            "models": [{"model": m, "parameters": {"weight": 1}} for m in (f"{z / 'base'}/.", str(z / "general"))],
+        },
+        "is base_model",
+    ),
+    "a slice without sources": (
+        lambda z, t: {"merge_method": "passthrough", "slices": [{"sources": []}]},
+        "slices[0].sources: no models",
+    ),
     "nan": (
         lambda z, t: slerp_with(z, copy_model(z, t, "nan", edit_tensors=with_nan)),
         "model.layers.1.mlp.up_proj.weight",
