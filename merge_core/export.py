@@ -48,6 +48,8 @@ def check_out_dir(out: Path) -> None:
     """Refuse, before any work, an output folder that is not empty or cannot be written."""
     if out.exists() and not out.is_dir():
         raise MergeInputError(f"output folder {out} is a file")
+    if out.exists() and out.resolve() == Path.cwd().resolve():  # it is replaced whole, at the end
+        raise MergeInputError(f"output folder {out} is the working folder; give a new folder's path")
     if out.exists() and any(out.iterdir()):
         raise MergeInputError(f"output folder {out} already exists and is not empty")
     try:

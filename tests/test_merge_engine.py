@@ -335,3 +335,15 @@ def test_a_shard_missing_from_its_index_or_a_tensor_in_two_unindexed_files_is_re
     shutil.copy(twice / "a.safetensors", twice / "b.safetensors")
     with pytest.raises(MergeInputError, match="both a.safetensors and b.safetensors"):
         Parent.open(twice)
+
+
+def test_the_working_folder_as_output_is_refused_before_any_work(pico_zoo, tmp_path, monkeypatch, capsys):
+    config_file = tmp_path / "merge.yaml"
+    config_file.write_text(yaml.safe_dump(slerp_with(pico_zoo, pico_zoo / "general")))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "", str(work)):
+        assert main(["merge", str(config_file), out, "--device", "cpu"]) == 2
+        assert "is the working folder" in capsys.readouterr().err
+    assert not any(work.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "work"]
