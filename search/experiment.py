@@ -18,7 +18,8 @@ from search.urls import expand, masked
 from user_input import UserError, one_line, parse_yaml, read_file
 
 T_FILTERS = ("self_attn", "mlp", "rest")  # mergekit filters; "rest" is the catch-all entry
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # names that MLflow filters and file names take as they are
+# names that MLflow filters and file names take as they are; not dots alone, which name folders
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
 
 

@@ -36,6 +36,7 @@ TV = {
         ({"space": {"ties": {"density": {"low": 0.1, "high": 1.5}}}}, "space.ties"),
         ({"evaluation": {"tasks": ["tiny_gsm8k"], "fidelity": [16, 8]}}, "evaluation"),
         ({"base_model": "nobody"}, "base_model"),
+        ({"study": {"name": "."}}, "study.name: String should match pattern"),
     ],
 )
 def test_bad_experiment_exits_2_naming_the_key(tmp_path, capsys, change, key):
@@ -52,6 +53,12 @@ def test_a_bad_value_is_quoted_beside_its_key(tmp_path, capsys):
     assert "study.trials: " in err and "(got 'many')" in err
     assert "seed: " in err and "(got 1.5)" in err
     assert "\n" not in err.strip()
+
+
+def test_a_name_of_dots_alone_is_refused_it_would_name_a_folder(tmp_path, capsys):
+    path = write_experiment(tmp_path, {**PICO_SLERP, "name": ".."})
+    assert main(["validate", str(path)]) == 2
+    assert "name: String should match pattern" in capsys.readouterr().err
 
 
 def test_warm_start_and_model_errors_name_them(tmp_path, capsys):
