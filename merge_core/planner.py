@@ -272,9 +272,19 @@ class _Planner:
         sources = tuple(Source(model_key(model), name) for (model, _), name in zip(pairs, names))
         headers = [self.parents[model].headers[name] for (model, _), name in zip(pairs, names)]
         if len({header.shape for header in headers}) > 1:
-            listed = ", ".join(f"{s.model}: {list(h.shape)}" for s, h in zip(sources, headers))
-            raise MergeInputError(f"tensor {weight.name} has different shapes: {listed}")
+            shapes = ", ".join(f"{s.model}: {list(h.shape)}" for s, h in zip(sources, headers))
+            raise MergeInputError(f"tensor {weight.name} has different shapes: {shapes}")
         in_dtype = torch_dtype(weight.force_dtype or self.config.dtype)
+        listed = lambda: ", ".join(
+            f"{s.model}: {str(h.dtype).removeprefix('torch.')}" for s, h in zip(sources, headers)
+        )
+        if any(not header.dtype.is_floating_point for header in headers):
+            raise MergeInputError(f"tensor {weight.name}: not floating-point in every parent ({listed()})")
+        if in_dtype is None and len({header.dtype for header in headers}) > 1:
+            # the fast kernels compute in the stored dtype, which mixed parents do not have
+            raise MergeInputError(
+                f"tensor {weight.name}: parents store it in different dtypes ({listed()}); set the config's dtype"
+            )
         stored = headers[0].dtype
         for header in headers[1:]:
             stored = torch.promote_types(stored, header.dtype)

@@ -192,6 +192,14 @@ def narrower(tensors):
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-1]
 
 
+def integer_norm(tensors):
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+
+
+def half(tensors):
+    tensors.update({name: tensor.half() for name, tensor in tensors.items()})
+
+
 def llama(config):
     config.update(architectures=["LlamaForCausalLM"], model_type="llama")
 
@@ -248,6 +256,14 @@ BAD = {
             "models": [{"model": m, "parameters": {"weight": 1}} for m in (f"{z / 'base'}/.", str(z / "general"))],
         },
         "is base_model",
+    ),
+    "an integer tensor": (
+        lambda z, t: slerp_with(z, copy_model(z, t, "int", edit_tensors=integer_norm)),
+        "tensor model.norm.weight: not floating-point",
+    ),
+    "parents of two dtypes and no dtype": (
+        lambda z, t: slerp_with(z, copy_model(z, t, "half", edit_tensors=half)),
+        "in different dtypes",
     ),
     "a slice without sources": (
         lambda z, t: {"merge_method": "passthrough", "slices": [{"sources": []}]},
