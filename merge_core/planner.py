@@ -285,9 +285,6 @@ class _Planner:
             raise MergeInputError(
                 f"tensor {weight.name}: parents store it in different dtypes ({listed()}); set the config's dtype"
             )
-        stored = headers[0].dtype
-        for header in headers[1:]:
-            stored = torch.promote_types(stored, header.dtype)
         per_input: dict[str, dict[str, Any]] = {}
         for model, values in per_model.items():
             for parameter, value in values.items():
@@ -300,7 +297,7 @@ class _Planner:
             per_input=per_input,
             shape=headers[0].shape,
             in_dtype=in_dtype,
-            out_dtype=torch_dtype(weight.force_dtype or self.config.out_dtype) or in_dtype or stored,
+            out_dtype=torch_dtype(weight.force_dtype or self.config.out_dtype) or in_dtype or headers[0].dtype,
         )
         check_ranges(self.method, job)
         self.jobs.append(job)
