@@ -38,7 +38,9 @@ def _eval_specs(args: argparse.Namespace) -> list:
             raise UserError(f"--data {item!r}: expected TASK:SPLIT=FILE, e.g. gsm8k:test=test.parquet")
         if task not in names:
             raise UserError(f"--data {item!r}: task {task!r} is not in --tasks {args.tasks}")
-        data.setdefault(task, {})[split] = path
+        if split in data.setdefault(task, {}):
+            raise UserError(f"--data {item!r}: {task}:{split} is given twice (also as {data[task][split]})")
+        data[task][split] = path
     options = {
         "num_fewshot": args.num_fewshot,
         "chat_template": args.chat_template,

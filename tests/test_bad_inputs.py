@@ -312,6 +312,10 @@ def _cases(fx: dict[str, Path]) -> dict[str, dict[str, tuple[list[str], str]]]:
             "device tpu": ([*eval_, "--device", "tpu"], "tpu"),
             "gen-kwargs without =": ([*eval_, "--gen-kwargs", "garbage"], "garbage"),
             "data not TASK:SPLIT=FILE": ([*eval_, "--data", "tiny_addition"], "--data"),
+            "one split's data twice": (
+                [*eval_, "--data", "tiny_addition:test=a.jsonl", "--data", "tiny_addition:test=b.jsonl"],
+                "tiny_addition:test is given twice (also as a.jsonl)",
+            ),
             "json in a missing folder": ([*eval_, "--json", str(root / "no" / "out.json")], str(root / "no")),
             "json into a folder": ([*eval_, "--json", str(root)], "it is a folder"),
             "model folder missing": (["eval", str(root / "nowhere"), "--tasks", "tiny_addition"], "nowhere"),
