@@ -40,8 +40,9 @@ def one_line(problem: ValidationError, located: bool = True) -> str:
 
     def said(error) -> str:
         where = f"{'.'.join(map(str, error['loc'])) or '(top)'}: " if located else ""
-        scalar = error.get("input") is None or isinstance(error["input"], (str, int, float))
-        got = f" (got {error.get('input')!r})" if scalar and error["type"] != "missing" else ""
+        value = error.get("input")
+        scalar = value is None or isinstance(value, (str, int, float))
+        got = f" (got {value!r})" if scalar and error["type"] != "missing" else ""
         return f"{where}{error['msg']}{got}"
 
     return "; ".join(said(e) for e in problem.errors())

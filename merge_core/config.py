@@ -71,13 +71,15 @@ def _check_inputs(config: MergeConfiguration, where: str) -> None:
         groups |= {f"modules.{name}.models": module.models} if module.models else {}
         groups |= {f"modules.{name}.slices[{i}].sources": s.sources for i, s in enumerate(module.slices or [])}
     base = config.base_model
+    base_key = model_key(base) if base is not None else None
     for key, inputs in groups.items():
         if not inputs:
             raise MergeInputError(f"{where}{key}: no models to merge")
         seen: dict[str, object] = {}
         for entry in inputs:
-            model, first = entry.model, seen.setdefault(model_key(entry.model), entry.model)
-            if base is not None and model != base and model_key(model) == model_key(base):
+            model, folder = entry.model, model_key(entry.model)
+            first = seen.setdefault(folder, model)
+            if folder == base_key and model != base:
                 raise MergeInputError(f"{where}{key}: model {model} is base_model {base} under another name")
             if first is not model:
                 also = "" if str(first) == str(model) else f" (also as {first})"

@@ -79,13 +79,13 @@ def open_storage(spec: str | None, create: bool = True) -> optuna.storages.BaseS
     from optuna.storages.journal import JournalFileBackend
 
     try:
-        if spec is not None and "://" in spec:
+        path = journal_path(spec)
+        if path is None:
             beat = heartbeat_seconds()
             with _heartbeats_on_purpose():
                 return RDBStorage(
                     spec, heartbeat_interval=beat, grace_period=2 * beat, heartbeat_stale_trial_callback=RetryStale()
                 )
-        path = journal_path(spec)
         if not create and not path.is_file():
             raise FileNotFoundError("no journal there; start the study with `soupsearch run`")
         path.parent.mkdir(parents=True, exist_ok=True)
